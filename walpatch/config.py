@@ -1,0 +1,206 @@
+"""Settings: ``install(**settings)`` and ``WALPATCH_*`` environment variables -> a frozen Config.
+
+A hotfix must never take down the application it protects, so nothing here raises on bad
+input: every invalid value yields one warning (naming the setting, the value and what is
+accepted) and the default is used instead. Protection stays on.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
+
+ENFORCE = "enforce"
+OBSERVE = "observe"
+
+#: Values of ``WALPATCH`` that switch walpatch on (enforce), on in observe mode, or off.
+ENABLE_WORDS = ("1", "on", "true", "yes", "enforce")
+OBSERVE_WORDS = ("observe",)
+DISABLE_WORDS = ("", "0", "off", "false", "no")
+
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything that changes walpatch's behaviour. Immutable: a new install makes a new one."""
+
+    mode: str = ENFORCE
+    retry_attempts: int = 5
+    retry_initial_delay: float = 0.05
+    retry_max_delay: float = 1.0
+    retry_total_timeout: float = 5.0
+    allow_downgrade: bool = False
+    allow_downgrade_paths: Tuple[str, ...] = ()
+    include_paths: Tuple[str, ...] = ()
+    exclude_paths: Tuple[str, ...] = ()
+    unsupported_markers: Tuple[str, ...] = ()
+    log_level: Optional[str] = None
+    event_file: Optional[str] = None
+    # Not a setting: which settings came from where, for `walpatch status`.
+    sources: Tuple[Tuple[str, str], ...] = field(default=(), compare=False)
+
+    @property
+    def observe(self) -> bool:
+        return self.mode == OBSERVE
+
+
+def _parse_mode(raw: str) -> str:
+    word = raw.strip().lower()
+    if word in ENABLE_WORDS:
+        return ENFORCE
+    if word in OBSERVE_WORDS:
+        return OBSERVE
+    raise ValueError("one of enforce, observe (or 1/on/true for enforce)")
+
+
+def _parse_int_at_least_1(raw: Any) -> int:
+    if isinstance(raw, bool):
+        raise ValueError("a whole number >= 1")
+    try:
+        value = int(str(raw).strip())
+    except ValueError:
+        raise ValueError("a whole number >= 1") from None
+    if value < 1 or value > 1000:
+        raise ValueError("a whole number from 1 to 1000")
+    return value
+
+
+def _parse_seconds(raw: Any) -> float:
+    if isinstance(raw, bool):
+        raise ValueError("a number of seconds >= 0, such as 0.05")
+    try:
+        value = float(str(raw).strip())
+    except ValueError:
+        raise ValueError("a number of seconds >= 0, such as 0.05") from None
+    if not (0.0 <= value <= 3600.0):
+        raise ValueError("a number of seconds from 0 to 3600")
+    return value
+
+
+def _parse_bool(raw: Any) -> bool:
+    if isinstance(raw, bool):
+        return raw
+    word = str(raw).strip().lower()
+    if word in ("1", "on", "true", "yes"):
+        return True
+    if word in ("", "0", "off", "false", "no"):
+        return False
+    raise ValueError("a boolean: 1/true/on/yes or 0/false/off/no")
+
+
+def _parse_globs(raw: Any) -> Tuple[str, ...]:
+    """Path globs: a list from Python, or an os.pathsep-separated string from the environment."""
+    if isinstance(raw, (list, tuple)):
+        items = [str(x) for x in raw]
+    elif isinstance(raw, str):
+        items = raw.split(os.pathsep)
+    else:
+        raise ValueError(f"a list of path globs or a string of globs separated by {os.pathsep!r}")
+    return tuple(os.path.expanduser(x.strip()) for x in items if x.strip())
+
+
+def _parse_markers(raw: Any) -> Tuple[str, ...]:
+    """Extra message fragments that mean "WAL is unsupported here" (comma-separated in env)."""
+    if isinstance(raw, (list, tuple)):
+        items = [str(x) for x in raw]
+    elif isinstance(raw, str):
+        items = raw.split(",")
+    else:
+        raise ValueError("a list of strings or a comma-separated string")
+    return tuple(x.strip().lower() for x in items if x.strip())
+
+
+def _parse_log_level(raw: Any) -> Optional[str]:
+    word = str(raw).strip().upper()
+    if word == "":
+        return None
+    if word not in _LOG_LEVELS:
+        raise ValueError("one of " + ", ".join(_LOG_LEVELS))
+    return word
+
+
+def _parse_event_file(raw: Any) -> Optional[str]:
+    text = os.fspath(raw) if not isinstance(raw, str) else raw
+    text = str(text).strip()
+    if not text:
+        return None
+    return os.path.abspath(os.path.expanduser(text))
+
+
+# setting name -> (environment variable, parser)
+SETTINGS: Dict[str, Tuple[str, Callable[[Any], Any]]] = {
+    "mode": ("WALPATCH", _parse_mode),
+    "retry_attempts": ("WALPATCH_RETRY_ATTEMPTS", _parse_int_at_least_1),
+    "retry_initial_delay": ("WALPATCH_RETRY_INITIAL_DELAY", _parse_seconds),
+    "retry_max_delay": ("WALPATCH_RETRY_MAX_DELAY", _parse_seconds),
+    "retry_total_timeout": ("WALPATCH_RETRY_TOTAL_TIMEOUT", _parse_seconds),
+    "allow_downgrade": ("WALPATCH_ALLOW_DOWNGRADE", _parse_bool),
+    "allow_downgrade_paths": ("WALPATCH_ALLOW_DOWNGRADE_PATHS", _parse_globs),
+    "include_paths": ("WALPATCH_INCLUDE_PATHS", _parse_globs),
+    "exclude_paths": ("WALPATCH_EXCLUDE_PATHS", _parse_globs),
+    "unsupported_markers": ("WALPATCH_UNSUPPORTED_MARKERS", _parse_markers),
+    "log_level": ("WALPATCH_LOG_LEVEL", _parse_log_level),
+    "event_file": ("WALPATCH_EVENT_FILE", _parse_event_file),
+}
+
+
+def build_config(
+    settings: Mapping[str, Any], environ: Optional[Mapping[str, str]] = None
+) -> Tuple[Config, List[str]]:
+    """Merge defaults < environment < keyword settings; return the config and the warnings.
+
+    ``WALPATCH`` itself decides *whether* walpatch starts (see ``walpatch._bootstrap``); here an
+    unset or "off" ``WALPATCH`` simply leaves the mode at its default, since whoever called
+    ``install()`` already decided to turn it on.
+    """
+    env = os.environ if environ is None else environ
+    warnings: List[str] = []
+    values: Dict[str, Any] = {}
+    sources: Dict[str, str] = {}
+
+    for name, (var, parse) in SETTINGS.items():
+        raw = env.get(var)
+        if raw is None:
+            continue
+        if name == "mode" and raw.strip().lower() in DISABLE_WORDS:
+            continue
+        try:
+            values[name] = parse(raw)
+            sources[name] = var
+        except ValueError as exc:
+            warnings.append(
+                f"walpatch: ignoring {var}={raw!r}: expected {exc}; "
+                f"using the default ({getattr(Config, name)!r}), protection stays on"
+            )
+
+    for name, raw in settings.items():
+        if name not in SETTINGS:
+            known = ", ".join(sorted(SETTINGS))
+            warnings.append(
+                f"walpatch: ignoring unknown setting {name}={raw!r}: known settings are {known}"
+            )
+            continue
+        try:
+            values[name] = SETTINGS[name][1](raw)
+            sources[name] = "install()"
+        except ValueError as exc:
+            fallback = values.get(name, getattr(Config, name))
+            warnings.append(
+                f"walpatch: ignoring setting {name}={raw!r}: expected {exc}; "
+                f"using {fallback!r}, protection stays on"
+            )
+
+    config = Config(**values)
+    if config.retry_max_delay < config.retry_initial_delay:
+        warnings.append(
+            f"walpatch: retry_max_delay ({config.retry_max_delay}) is below retry_initial_delay "
+            f"({config.retry_initial_delay}); using retry_initial_delay for both"
+        )
+        config = replace(config, retry_max_delay=config.retry_initial_delay)
+    return replace(config, sources=tuple(sorted(sources.items()))), warnings
+
+
+def describe(config: Config) -> Dict[str, Any]:
+    """The settings as a plain dict (for `walpatch status` and the startup event)."""
+    return {f.name: getattr(config, f.name) for f in fields(config) if f.name != "sources"}

@@ -1,0 +1,122 @@
+"""Every decision is one event: a log record on the ``walpatch`` logger, a counter in
+``stats()``, and optionally a JSON line in an event file.
+
+Warnings are deduplicated per (event, file): the first is logged at WARNING, repeats at DEBUG
+(and still counted), so a flapping filesystem cannot flood an application's logs. Events
+carry paths, schemas, modes, codes and counts; never SQL parameters or row data.
+Nothing here writes to stdout.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from typing import Any, Dict, Optional, Set, Tuple
+
+logger = logging.getLogger("walpatch")
+
+_lock = threading.Lock()
+_counters: Dict[str, int] = {}
+_warned: Set[Tuple[str, str]] = set()
+_sink_fd: Optional[int] = None
+_sink_path: Optional[str] = None
+
+# Counter names, documented in README ("stats()").
+COUNTERS = (
+    "connections",
+    "wal_requests",
+    "wal_ok",
+    "wal_retries",
+    "wal_recovered",
+    "wal_failed",
+    "wal_unsupported",
+    "wal_silently_refused",
+    "downgrade_requests",
+    "downgrades_passed",
+    "downgrades_allowed",
+    "downgrades_refused",
+    "observed_would_refuse",
+    "observed_would_retry",
+    "disk_checks",
+    "disk_check_failures",
+)
+
+
+def count(name: str, n: int = 1) -> None:
+    with _lock:
+        _counters[name] = _counters.get(name, 0) + n
+
+
+def snapshot() -> Dict[str, int]:
+    with _lock:
+        out = {name: 0 for name in COUNTERS}
+        out.update(_counters)
+        return out
+
+
+def reset() -> None:
+    """Forget counters and deduplication (tests, and a fresh install())."""
+    with _lock:
+        _counters.clear()
+        _warned.clear()
+
+
+def open_sink(path: Optional[str]) -> Optional[str]:
+    """Start appending events as JSON lines to ``path``; returns an error text or None.
+
+    The file is created owner-only (0600) and a symlink at ``path`` is refused (O_NOFOLLOW),
+    so a shared directory cannot be used to redirect the events into another file.
+    """
+    global _sink_fd, _sink_path
+    with _lock:
+        if path == _sink_path:
+            return None
+        if _sink_fd is not None:
+            os.close(_sink_fd)  # our own log file, never a database
+            _sink_fd, _sink_path = None, None
+        if path is None:
+            return None
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_CLOEXEC", 0)
+        flags |= getattr(os, "O_NOFOLLOW", 0)
+        try:
+            _sink_fd = os.open(path, flags, 0o600)
+        except OSError as exc:
+            return (
+                f"walpatch: cannot open WALPATCH_EVENT_FILE {path!r}: {exc.strerror or exc} "
+                "(a symlink is refused; the directory must exist); events go to the log only"
+            )
+        _sink_path = path
+        return None
+
+
+def emit(
+    event: str,
+    level: int,
+    message: str,
+    *,
+    dedupe_key: Optional[str] = None,
+    **fields: Any,
+) -> None:
+    """Log ``message`` with ``fields`` attached (record.walpatch) and write the JSON line."""
+    record: Dict[str, Any] = {"event": event, "pid": os.getpid(), "time": time.time()}
+    record.update({k: v for k, v in fields.items() if v is not None})
+    log_level = level
+    if dedupe_key is not None and level >= logging.WARNING:
+        key = (event, dedupe_key)
+        with _lock:
+            repeated = key in _warned
+            _warned.add(key)
+        if repeated:
+            log_level = logging.DEBUG
+            record["repeat"] = True
+    if logger.isEnabledFor(log_level):
+        logger.log(log_level, "%s", message, extra={"walpatch": record})
+    fd = _sink_fd
+    if fd is not None:
+        line = json.dumps(dict(record, message=message), default=str, sort_keys=True) + "\n"
+        try:
+            os.write(fd, line.encode("utf-8", "replace"))
+        except OSError:
+            pass

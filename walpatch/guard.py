@@ -1,0 +1,400 @@
+"""Carry out the decision table for one journal-mode request: the I/O edge of policy.py.
+
+Called only for statements that ``sqlscan`` found to be journal-mode requests; everything
+else never reaches this module. The statement itself runs through ``call`` (the original,
+unpatched sqlite3 method bound to the caller's connection or cursor), so the application's
+cursor, its rows and its exception are the ones sqlite3 would have produced.
+"""
+from __future__ import annotations
+
+import fnmatch
+import logging
+import os
+import random
+import sys
+import time
+from typing import Any, Callable, List, NamedTuple, Optional, Tuple
+
+from . import classify as _c
+from . import events, ondisk, policy, runtime
+from .config import Config
+from .sqlscan import Plan, Request, ascii_lower
+
+Call = Callable[[], Any]
+
+_random = random.Random()
+
+
+class Kit(NamedTuple):
+    """What the guard needs from one DB-API module (sqlite3, pysqlite3, sqlean)."""
+
+    error: type  # the module's Error base class
+    programming_error: type
+    refused: type  # its WalDowngradeRefused class
+    raw_cursor: Callable[[Any], Any]  # the module's own Connection.cursor (unguarded)
+
+
+class Target(NamedTuple):
+    schema: str
+    path: str
+
+
+# --- reading the connection's own facts (through an unguarded cursor, rows as tuples) ---
+
+def _text(value: Any) -> str:
+    if isinstance(value, bytes):
+        return os.fsdecode(value)
+    return str(value)
+
+
+def _query(kit: Kit, conn: Any, sql: str) -> List[Tuple[Any, ...]]:
+    cur = kit.raw_cursor(conn)
+    cur.row_factory = None
+    try:
+        return list(cur.execute(sql).fetchall())
+    finally:
+        cur.close()
+
+
+def _quote(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _targets(kit: Kit, conn: Any, schema: Optional[str], config: Config) -> List[Target]:
+    """File-backed databases the request applies to (all attached ones when no schema)."""
+    rows = _query(kit, conn, "PRAGMA database_list")
+    wanted = ascii_lower(schema) if schema is not None else None
+    out: List[Target] = []
+    for row in rows:
+        name, path = _text(row[1]), _text(row[2]) if row[2] is not None else ""
+        if wanted is not None and ascii_lower(name) != wanted:
+            continue
+        if not path:  # :memory:, temp, or an anonymous database: nothing on disk to protect
+            continue
+        if _is_excluded(path, config):
+            continue
+        out.append(Target(name, path))
+    return out
+
+
+def _matches_any(path: str, globs: Tuple[str, ...]) -> bool:
+    return any(fnmatch.fnmatch(path, g) for g in globs)
+
+
+def _is_excluded(path: str, config: Config) -> bool:
+    if config.include_paths and not _matches_any(path, config.include_paths):
+        return True
+    return _matches_any(path, config.exclude_paths)
+
+
+def _allowed_because(path: str, config: Config) -> Optional[str]:
+    if runtime.downgrade_allowed_in_context():
+        return "walpatch.allow_downgrade()"
+    if config.allow_downgrade:
+        return "WALPATCH_ALLOW_DOWNGRADE"
+    if _matches_any(path, config.allow_downgrade_paths):
+        return "WALPATCH_ALLOW_DOWNGRADE_PATHS"
+    return None
+
+
+def _current_mode(kit: Kit, conn: Any, schema: str) -> Optional[str]:
+    try:
+        rows = _query(kit, conn, f"PRAGMA {_quote(schema)}.journal_mode")
+    except kit.error:
+        return None
+    return ascii_lower(_text(rows[0][0])) if rows else None
+
+
+# --- connect-time facts used to explain a silent refusal ---
+
+_NO_SHM_VFS = ("unix-none", "unix-dotfile")
+
+
+def _uri_params(database: Any) -> dict:
+    text = _text(database) if database is not None else ""
+    if not text.startswith("file:") or "?" not in text:
+        return {}
+    from urllib.parse import parse_qsl
+
+    return dict(parse_qsl(text.split("?", 1)[1].split("#", 1)[0]))
+
+
+def _vfs_without_shm(database: Any) -> Optional[str]:
+    params = _uri_params(database)
+    if params.get("vfs") in _NO_SHM_VFS:
+        return f"vfs={params['vfs']}"
+    if params.get("nolock") in ("1", "true", "yes", "on"):
+        return "nolock=1"
+    return None
+
+
+def _read_only(database: Any, path: str) -> Optional[str]:
+    params = _uri_params(database)
+    if params.get("mode") == "ro":
+        return "mode=ro"
+    if params.get("immutable") in ("1", "true", "yes", "on"):
+        return "immutable=1"
+    if not os.access(path, os.W_OK):
+        return "the file is not writable by this process"
+    if not os.access(os.path.dirname(path) or ".", os.W_OK):
+        return "its directory is not writable, so no -wal/-shm file can be created"
+    return None
+
+
+# --- the entry points -------------------------------------------------------------------
+
+def run_statement(kit: Kit, conn: Any, request: Request, call: Call, can_retry: bool) -> Any:
+    """Guard one journal-mode request; ``call()`` runs the statement for real."""
+    config = runtime.config
+    if config is None:
+        return call()
+    try:
+        targets = _targets(kit, conn, request.schema, config)
+    except kit.programming_error:
+        return call()  # closed connection, wrong thread...: sqlite3 raises its own error
+    except kit.error as exc:
+        if request.is_wal:
+            return call()
+        # Cannot even list the databases: fail closed for a downgrade.
+        schema = request.schema or "main"
+        return _refuse_or_observe(
+            kit, config, request, Target(schema, "?"), policy.Decision(
+                policy.REFUSE, f"the attached databases could not be listed ({exc})"), call)
+    if not targets:
+        return call()
+    if request.is_wal:
+        return _guard_wal(kit, conn, request, targets, call, config, can_retry)
+    _check_downgrade(kit, request, targets, config)
+    result = call()
+    for t in targets:
+        runtime.record(t.path, None)
+    return result
+
+
+def run_script(
+    kit: Kit, conn: Any, plan: Plan, sql: str, run_script_text: Callable[[str], Any],
+    run_single: Callable[[str], Any],
+) -> Any:
+    """Guard ``executescript``.
+
+    A script made only of journal-mode pragmas is run statement by statement with the full
+    guard (retries included), after ``executescript('')`` has done its implicit COMMIT exactly
+    as the whole script would have. A mixed script cannot be retried (its other statements
+    may not be idempotent): its downgrades are checked before anything runs, and its WAL
+    requests are checked afterwards and their failures recorded.
+    """
+    config = runtime.config
+    if config is None:
+        return run_script_text(sql)
+    if plan.only_journal_pragmas:
+        result = run_script_text("")
+        for request in plan.requests:
+            def _one(stmt: str = request.statement) -> Any:
+                return run_single(stmt)
+
+            run_statement(kit, conn, request, _one, can_retry=True)
+        return result
+    wal_targets: List[Tuple[Request, List[Target]]] = []
+    for request in plan.requests:
+        try:
+            targets = _targets(kit, conn, request.schema, config)
+        except kit.error:
+            continue
+        if request.is_wal:
+            wal_targets.append((request, targets))
+        elif targets:
+            _check_downgrade(kit, request, targets, config)
+    try:
+        result = run_script_text(sql)
+    except kit.error as exc:
+        for request, targets in wal_targets:
+            _record_wal_error(kit, request, targets, exc, config, attempts=1, note=False)
+        raise
+    for request, targets in wal_targets:
+        _verify_wal(kit, conn, request, targets, config, attempts=1)
+    return result
+
+
+def _check_downgrade(kit: Kit, request: Request, targets: List[Target], config: Config) -> None:
+    events.count("downgrade_requests")
+    for target in targets:
+        disk = ondisk.read_disk_state(target.path)
+        events.count("disk_checks")
+        if disk.mode == ondisk.UNKNOWN:
+            events.count("disk_check_failures")
+        decision = policy.decide_downgrade(
+            disk, runtime.history_for(target.path), _allowed_because(target.path, config)
+        )
+        if decision.refuse:
+            _refuse_or_observe(kit, config, request, target, decision, None, disk)
+        elif "allowed on purpose" in decision.reason:
+            events.count("downgrades_allowed")
+            events.emit(
+                "downgrade-allowed", logging.WARNING,
+                f"walpatch: letting journal_mode={request.mode} through on {target.path} "
+                f"({decision.reason})",
+                dedupe_key=target.path, file=target.path, schema=target.schema,
+                request=request.mode, disk=disk.mode, outcome="allowed")
+        else:
+            events.count("downgrades_passed")
+            events.emit(
+                "downgrade-passed", logging.INFO,
+                f"walpatch: journal_mode={request.mode} on {target.path} passes: "
+                f"{decision.reason}",
+                file=target.path, schema=target.schema, request=request.mode, disk=disk.mode,
+                outcome="passed")
+
+
+def _refuse_or_observe(
+    kit: Kit, config: Config, request: Request, target: Target, decision: policy.Decision,
+    call: Optional[Call], disk: Optional[ondisk.DiskState] = None,
+) -> Any:
+    cause = decision.cause
+    code_name = _c.error_code(cause)[1] if cause is not None else None
+    fields = dict(
+        file=target.path, schema=target.schema, request=request.mode,
+        disk=disk.mode if disk else None, error=code_name, reason=decision.reason,
+    )
+    if config.observe:
+        events.count("observed_would_refuse")
+        events.emit(
+            "downgrade-would-refuse", logging.WARNING,
+            f"walpatch (observe mode): would refuse journal_mode={request.mode} on "
+            f"{target.path}: {decision.reason}",
+            dedupe_key=target.path, outcome="observed", **fields)
+        return call() if call is not None else None
+    events.count("downgrades_refused")
+    events.emit(
+        "downgrade-refused", logging.WARNING,
+        f"walpatch: refused journal_mode={request.mode} on {target.path}: {decision.reason}",
+        dedupe_key=target.path, outcome="refused", **fields)
+    raise kit.refused(target.path, target.schema, request.mode, decision.reason, cause) from cause
+
+
+def _note(exc: BaseException, text: str) -> None:
+    if sys.version_info >= (3, 11):
+        exc.add_note(text)
+    else:  # shown by nothing before 3.11, but inspectable
+        notes = getattr(exc, "__notes__", None)
+        try:
+            if isinstance(notes, list):
+                notes.append(text)
+            else:
+                exc.__notes__ = [text]  # type: ignore[attr-defined]
+        except AttributeError:
+            pass
+
+
+def _record_wal_error(
+    kit: Kit, request: Request, targets: List[Target], exc: BaseException, config: Config,
+    attempts: int, note: bool, category: Optional[str] = None,
+) -> None:
+    category = category or _c.classify(exc, config.unsupported_markers)
+    code, name = _c.error_code(exc)
+    outcome = policy.outcome_for_category(category)
+    detail = f"{name or type(exc).__name__} ({category}, {exc})"
+    for target in targets:
+        runtime.record(target.path, policy.History(outcome, category, exc, detail))
+    counter = "wal_unsupported" if outcome == policy.WAL_UNSUPPORTED else "wal_failed"
+    events.count(counter)
+    try:
+        exc.walpatch_attempts = attempts  # type: ignore[attr-defined]
+    except AttributeError:
+        pass
+    if note:
+        _note(exc, f"walpatch: PRAGMA journal_mode=WAL failed after {attempts} attempt(s); "
+                   f"error class: {category}")
+    for target in targets:
+        events.emit(
+            "wal-unsupported" if outcome == policy.WAL_UNSUPPORTED else "wal-failed",
+            logging.WARNING,
+            f"walpatch: journal_mode=WAL on {target.path} failed after {attempts} attempt(s) "
+            f"with {name or type(exc).__name__} ({category})"
+            + ("; WAL looks unsupported here, a fallback may leave WAL if the file is not WAL "
+               "on disk" if outcome == policy.WAL_UNSUPPORTED else
+               "; downgrades of this file are refused until WAL succeeds"),
+            dedupe_key=target.path, file=target.path, schema=target.schema, request="wal",
+            error=name, code=code, category=category, attempts=attempts, outcome=outcome)
+
+
+def _verify_wal(
+    kit: Kit, conn: Any, request: Request, targets: List[Target], config: Config, attempts: int,
+) -> None:
+    for target in targets:
+        mode = _current_mode(kit, conn, target.schema)
+        disk = ondisk.read_disk_state(target.path)
+        if mode == "wal" and disk.mode not in (ondisk.WAL, ondisk.EMPTY):
+            # The connection believes it is in WAL but the header was not written (seen after
+            # a failed fdatasync): the on-disk truth wins.
+            mode = f"wal on this connection only; on disk: {disk.detail}"
+        if mode == "wal":
+            runtime.record(target.path, policy.History(policy.WAL_OK))
+            events.count("wal_ok")
+            if attempts > 1:
+                events.count("wal_recovered")
+                events.emit(
+                    "wal-recovered", logging.WARNING,
+                    f"walpatch: journal_mode=WAL on {target.path} succeeded after {attempts} "
+                    "attempts (transient errors retried)",
+                    dedupe_key=target.path, file=target.path, schema=target.schema,
+                    request="wal", attempts=attempts, outcome="ok")
+            else:
+                events.emit(
+                    "wal-ok", logging.DEBUG, f"walpatch: journal_mode=WAL on {target.path} ok",
+                    file=target.path, schema=target.schema, request="wal", outcome="ok")
+            continue
+        database = getattr(conn, "_walpatch_database", None)
+        why = policy.explain_silent_refusal(
+            mode or "?", bool(getattr(conn, "in_transaction", False)),
+            _vfs_without_shm(database), _read_only(database, target.path))
+        outcome = policy.WAL_UNSUPPORTED if why.permanent else policy.WAL_FAILED
+        runtime.record(target.path, policy.History(
+            outcome, _c.WAL_UNSUPPORTED if why.permanent else _c.STATE, None, why.reason))
+        events.count("wal_silently_refused")
+        events.emit(
+            "wal-silently-refused", logging.WARNING,
+            f"walpatch: journal_mode=WAL on {target.path} was not applied: {why.reason}",
+            dedupe_key=target.path, file=target.path, schema=target.schema, request="wal",
+            returned=mode, reason=why.reason, outcome=outcome)
+
+
+def _guard_wal(
+    kit: Kit, conn: Any, request: Request, targets: List[Target], call: Call, config: Config,
+    can_retry: bool,
+) -> Any:
+    events.count("wal_requests")
+    started = time.monotonic()
+    attempts = 0
+    io_seen = False
+    while True:
+        attempts += 1
+        try:
+            result = call()
+        except kit.error as exc:
+            category = _c.classify(exc, config.unsupported_markers, after_io_error=io_seen)
+            io_seen = io_seen or category == _c.TRANSIENT_IO
+            if _c.is_retryable(category) and can_retry:
+                delay = policy.retry_delay(
+                    attempts, time.monotonic() - started, config, _random.random())
+                if delay is not None and config.observe:
+                    events.count("observed_would_retry")
+                    delay = None
+                if delay is not None:
+                    events.count("wal_retries")
+                    name = _c.error_code(exc)[1] or type(exc).__name__
+                    for target in targets:
+                        events.emit(
+                            "wal-retry", logging.WARNING,
+                            f"walpatch: journal_mode=WAL on {target.path} failed with {name} "
+                            f"({category}); retrying in {delay:.3f}s (attempt {attempts} of "
+                            f"{config.retry_attempts})",
+                            dedupe_key=target.path, file=target.path, schema=target.schema,
+                            request="wal", error=name, category=category, attempts=attempts,
+                            outcome="retry")
+                    time.sleep(delay)
+                    continue
+            _record_wal_error(kit, request, targets, exc, config, attempts, note=True,
+                              category=category)
+            raise
+        _verify_wal(kit, conn, request, targets, config, attempts)
+        return result

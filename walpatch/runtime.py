@@ -1,0 +1,66 @@
+"""Process-wide state: the active settings, the per-file WAL history, allow_downgrade().
+
+Kept apart from the hooks so that the guard can read it without import cycles. The config is
+swapped as one reference, so readers on the hot path need no lock.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import os
+import threading
+from typing import Dict, Iterator, Optional
+
+from .config import Config
+from .policy import History
+
+#: The active settings; None when walpatch is not installed (guarded objects then pass through).
+config: Optional[Config] = None
+
+_history_lock = threading.Lock()
+_history: Dict[str, History] = {}
+
+_allow_depth: "contextvars.ContextVar[int]" = contextvars.ContextVar(
+    "walpatch_allow_downgrade", default=0
+)
+
+
+def file_key(path: str) -> str:
+    """One key per database file, whichever name it was opened under."""
+    return os.path.realpath(path)
+
+
+def history_for(path: str) -> Optional[History]:
+    with _history_lock:
+        return _history.get(file_key(path))
+
+
+def record(path: str, entry: Optional[History]) -> None:
+    with _history_lock:
+        if entry is None:
+            _history.pop(file_key(path), None)
+        else:
+            _history[file_key(path)] = entry
+
+
+def clear_history() -> None:
+    with _history_lock:
+        _history.clear()
+
+
+@contextlib.contextmanager
+def allow_downgrade() -> Iterator[None]:
+    """Let journal-mode downgrades through inside this block (this thread / task only).
+
+    For maintenance jobs that leave WAL on purpose, for example before copying a database to
+    a filesystem without shared memory. Nests; every downgrade let through is still logged.
+    """
+    token = _allow_depth.set(_allow_depth.get() + 1)
+    try:
+        yield
+    finally:
+        _allow_depth.reset(token)
+
+
+def downgrade_allowed_in_context() -> bool:
+    return _allow_depth.get() > 0
