@@ -319,15 +319,17 @@ def _record_wal_error(
 
 def _verify_wal(
     kit: Kit, conn: Any, request: Request, targets: List[Target], config: Config, attempts: int,
+    check_disk: bool = True,
 ) -> None:
+    """After a WAL request ran to completion: is each file really in WAL now?
+
+    The connection's own answer is compared with the header on disk, because after a failed
+    sync the connection can report 'wal' while the file still says rollback (design.md §3).
+    """
     for target in targets:
         mode = _current_mode(kit, conn, target.schema)
-        disk = ondisk.read_disk_state(target.path)
-        if mode == "wal" and disk.mode not in (ondisk.WAL, ondisk.EMPTY):
-            # The connection believes it is in WAL but the header was not written (seen after
-            # a failed fdatasync): the on-disk truth wins.
-            mode = f"wal on this connection only; on disk: {disk.detail}"
-        if mode == "wal":
+        disk = ondisk.read_disk_state(target.path) if check_disk else None
+        if mode == "wal" and (disk is None or disk.mode in (ondisk.WAL, ondisk.EMPTY)):
             runtime.record(target.path, policy.History(policy.WAL_OK))
             events.count("wal_ok")
             if attempts > 1:
@@ -343,10 +345,14 @@ def _verify_wal(
                     "wal-ok", logging.DEBUG, f"walpatch: journal_mode=WAL on {target.path} ok",
                     file=target.path, schema=target.schema, request="wal", outcome="ok")
             continue
-        database = getattr(conn, "_walpatch_database", None)
-        why = policy.explain_silent_refusal(
-            mode or "?", bool(getattr(conn, "in_transaction", False)),
-            _vfs_without_shm(database), _read_only(database, target.path))
+        if mode == "wal" and disk is not None:
+            why = policy.SilentRefusal(
+                f"the connection reports WAL but on disk {disk.detail}", False)
+        else:
+            database = getattr(conn, "_walpatch_database", None)
+            why = policy.explain_silent_refusal(
+                mode or "?", bool(getattr(conn, "in_transaction", False)),
+                _vfs_without_shm(database), _read_only(database, target.path))
         outcome = policy.WAL_UNSUPPORTED if why.permanent else policy.WAL_FAILED
         runtime.record(target.path, policy.History(
             outcome, _c.WAL_UNSUPPORTED if why.permanent else _c.STATE, None, why.reason))
@@ -355,7 +361,8 @@ def _verify_wal(
             "wal-silently-refused", logging.WARNING,
             f"walpatch: journal_mode=WAL on {target.path} was not applied: {why.reason}",
             dedupe_key=target.path, file=target.path, schema=target.schema, request="wal",
-            returned=mode, reason=why.reason, outcome=outcome)
+            returned=mode, disk=disk.mode if disk else None, reason=why.reason,
+            outcome=outcome)
 
 
 def _guard_wal(
@@ -369,6 +376,14 @@ def _guard_wal(
     while True:
         attempts += 1
         try:
+            if can_retry:
+                # Run the request to completion so that the journal-mode change commits (and
+                # any error of that commit surfaces) here, inside the retry loop; then run it
+                # again to hand the caller a fresh result. The second run asks for the mode
+                # the connection is now in, which SQLite treats as a no-op.
+                call().fetchall()
+                _verify_wal(kit, conn, request, targets, config, attempts)
+                return call()
             result = call()
         except kit.error as exc:
             category = _c.classify(exc, config.unsupported_markers, after_io_error=io_seen)
@@ -396,5 +411,6 @@ def _guard_wal(
             _record_wal_error(kit, request, targets, exc, config, attempts, note=True,
                               category=category)
             raise
-        _verify_wal(kit, conn, request, targets, config, attempts)
+        # executemany: parameters may be a one-shot iterator, so no second run and no retry.
+        _verify_wal(kit, conn, request, targets, config, attempts, check_disk=False)
         return result
