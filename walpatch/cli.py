@@ -14,7 +14,11 @@ EXIT_OK, EXIT_PROBLEM, EXIT_USAGE, EXIT_NOT_FOUND = 0, 1, 2, 127
 
 # subcommand -> (module, one-line help). Each module has add_arguments(parser) and run(args).
 SUBCOMMANDS = {
+    "run": ("walpatch.cli_run", "run a command with walpatch active in it and its children"),
     "status": ("walpatch.cli_status", "say whether walpatch is active in this interpreter"),
+    "check": ("walpatch.cli_check", "inspect database files: journal mode, header, sidecars"),
+    "probe": ("walpatch.cli_probe", "can this directory's filesystem host a WAL database?"),
+    "demo": ("walpatch.cli_demo", "show what walpatch does, with a real injected fault"),
 }
 
 
@@ -28,7 +32,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"walpatch {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module_name, help_text) in SUBCOMMANDS.items():
-        module = importlib.import_module(module_name)
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name != module_name:
+                raise
+            continue  # subcommand not part of this build
         p = sub.add_parser(name, help=help_text, description=module.__doc__)
         module.add_arguments(p)
         p.set_defaults(_run=module.run)
