@@ -16,7 +16,9 @@ from typing import Any, Tuple
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def run_py(code: str, *args: str, env: Any = None, timeout: float = 60) -> subprocess.CompletedProcess:
+def run_py(
+    code: str, *args: str, env: Any = None, timeout: float = 60
+) -> subprocess.CompletedProcess:
     """Run ``code`` in a fresh interpreter without walpatch (unless the code installs it)."""
     full_env = dict(os.environ)
     full_env.pop("WALPATCH", None)

@@ -46,7 +46,7 @@ def kit_for(module: ModuleType) -> guard.Kit:
     return kit
 
 
-def _make_cursor_class(base: type, kit: guard.Kit) -> type:
+def _make_cursor_class(base: Any, kit: guard.Kit) -> type:
     base_execute = base.execute
     base_executemany = base.executemany
     base_executescript = base.executescript
@@ -99,7 +99,7 @@ def guarded_cursor_class(base: type, kit: guard.Kit) -> type:
         return cls
 
 
-def _make_connection_class(base: type, module: ModuleType, kit: guard.Kit) -> type:
+def _make_connection_class(base: Any, module: ModuleType, kit: guard.Kit) -> type:
     base_init = base.__init__
     base_cursor = base.cursor
     default_cursor = module.Cursor

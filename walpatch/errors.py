@@ -11,7 +11,7 @@ import sqlite3
 import sys
 import threading
 from types import ModuleType
-from typing import Dict, Optional
+from typing import Dict, Optional, Type
 
 SQLITE_PERM = 3
 
@@ -55,11 +55,11 @@ class WalDowngradeRefused(sqlite3.OperationalError):
         )
 
 
-_classes: Dict[int, type] = {}
+_classes: Dict[int, Type[Exception]] = {}
 _lock = threading.Lock()
 
 
-def refusal_class_for(module: ModuleType) -> type:
+def refusal_class_for(module: ModuleType) -> Type[Exception]:
     """The WalDowngradeRefused class to raise for connections of DB-API ``module``."""
     base = getattr(module, "OperationalError", sqlite3.OperationalError)
     if base is sqlite3.OperationalError:

@@ -13,7 +13,7 @@ import os
 import random
 import sys
 import time
-from typing import Any, Callable, List, NamedTuple, Optional, Tuple
+from typing import Any, Callable, List, NamedTuple, Optional, Tuple, Type
 
 from . import classify as _c
 from . import events, ondisk, policy, runtime
@@ -28,9 +28,9 @@ _random = random.Random()
 class Kit(NamedTuple):
     """What the guard needs from one DB-API module (sqlite3, pysqlite3, sqlean)."""
 
-    error: type  # the module's Error base class
-    programming_error: type
-    refused: type  # its WalDowngradeRefused class
+    error: Type[Exception]  # the module's Error base class
+    programming_error: Type[Exception]
+    refused: Type[Exception]  # its WalDowngradeRefused class
     raw_cursor: Callable[[Any], Any]  # the module's own Connection.cursor (unguarded)
 
 

@@ -59,7 +59,7 @@ class _Finder:
             self._busy.name = None
         if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
             return None
-        spec.loader = _ChainedLoader(spec.loader, fullname)
+        spec.loader = _ChainedLoader(spec.loader, fullname)  # type: ignore[assignment]
         return spec
 
     def invalidate_caches(self) -> None:

@@ -68,7 +68,10 @@ def decide_downgrade(
             "which is not a sign that WAL is unsupported here; retry WAL instead",
             history.error,
         )
-    why = "no WAL request failed here" if history is None else f"last WAL request: {history.outcome}"
+    why = (
+        "no WAL request failed here" if history is None
+        else f"last WAL request: {history.outcome}"
+    )
     return Decision(PASS, f"not WAL on disk ({disk.detail}); {why}")
 
 
