@@ -14,6 +14,7 @@ overridden ``cursor()``, so the connection's three ``execute*`` methods are guar
 """
 from __future__ import annotations
 
+import logging
 import sys
 import threading
 from types import ModuleType
@@ -25,9 +26,10 @@ from .sqlscan import scan
 
 _CONNECTION_EXECUTES_IN_C = sys.version_info >= (3, 11)
 
-_lock = threading.Lock()
+_lock = threading.RLock()  # guarded_cursor_class may run inside guarded_connection_class
 _connection_classes: Dict[Tuple[int, type], type] = {}
 _cursor_classes: Dict[type, type] = {}
+_cursor_guards: Dict[int, type] = {}
 _kits: Dict[int, guard.Kit] = {}
 
 GUARDED_MARK = "_walpatch_guarded"
@@ -46,12 +48,26 @@ def kit_for(module: ModuleType) -> guard.Kit:
     return kit
 
 
+def _like(function: Any, original: Any) -> Any:
+    """Give an override the name, qualified name and docstring of the method it stands in
+    for, and ``__wrapped__`` so that ``inspect.signature`` reports the original's signature."""
+    for attr in ("__name__", "__qualname__", "__doc__"):
+        try:
+            setattr(function, attr, getattr(original, attr))
+        except (AttributeError, TypeError):
+            pass
+    function.__wrapped__ = original
+    return function
+
+
 def _make_cursor_class(base: Any, kit: guard.Kit) -> type:
     base_execute = base.execute
     base_executemany = base.executemany
     base_executescript = base.executescript
 
-    def execute(self: Any, sql: Any, *args: Any) -> Any:
+    # ``sql`` is positional-only, like the C methods': ``execute(sql=...)`` raises TypeError
+    # with walpatch as without it (the messages of such argument errors differ in wording).
+    def execute(self: Any, sql: Any, /, *args: Any) -> Any:
         plan = scan(sql)
         if plan is None:
             return base_execute(self, sql, *args)
@@ -59,7 +75,7 @@ def _make_cursor_class(base: Any, kit: guard.Kit) -> type:
             kit, self.connection, plan.requests[0],
             lambda: base_execute(self, sql, *args), can_retry=True)
 
-    def executemany(self: Any, sql: Any, *args: Any) -> Any:
+    def executemany(self: Any, sql: Any, /, *args: Any) -> Any:
         plan = scan(sql)
         if plan is None:
             return base_executemany(self, sql, *args)
@@ -67,7 +83,7 @@ def _make_cursor_class(base: Any, kit: guard.Kit) -> type:
             kit, self.connection, plan.requests[0],
             lambda: base_executemany(self, sql, *args), can_retry=False)
 
-    def executescript(self: Any, sql: Any, *args: Any) -> Any:
+    def executescript(self: Any, sql: Any, /, *args: Any) -> Any:
         plan = scan(sql)
         if plan is None or args:
             return base_executescript(self, sql, *args)
@@ -82,35 +98,78 @@ def _make_cursor_class(base: Any, kit: guard.Kit) -> type:
         "__qualname__": base.__qualname__,
         "__doc__": base.__doc__,
         GUARDED_MARK: True,
-        "execute": execute,
-        "executemany": executemany,
-        "executescript": executescript,
+        "execute": _like(execute, base_execute),
+        "executemany": _like(executemany, base_executemany),
+        "executescript": _like(executescript, base_executescript),
     }
     return type(base.__name__, (base,), namespace)
 
 
 def guarded_cursor_class(base: type, kit: guard.Kit) -> type:
+    """The guarded subclass of cursor class ``base`` (cached); ``base`` itself when it is
+    guarded already or cannot be subclassed (fail open: the cursor then works unguarded)."""
     if getattr(base, GUARDED_MARK, False):
         return base
+    cls = _cursor_classes.get(base)
+    if cls is not None:
+        return cls
     with _lock:
         cls = _cursor_classes.get(base)
         if cls is None:
-            cls = _cursor_classes[base] = _make_cursor_class(base, kit)
+            try:
+                cls = _make_cursor_class(base, kit)
+            except Exception as exc:  # e.g. an __init_subclass__ that refuses subclasses
+                _warn_unguardable(base, exc)
+                return base
+            _cursor_classes[base] = cls
         return cls
 
 
-def _make_connection_class(base: Any, module: ModuleType, kit: guard.Kit) -> type:
-    base_init = base.__init__
-    base_cursor = base.cursor
-    default_cursor = module.Cursor
-    base_execute = base.execute
-    base_executemany = base.executemany
-    base_executescript = base.executescript
+def _warn_unguardable(cls: type, exc: BaseException) -> None:
+    events.emit(
+        "unguardable-class", logging.WARNING,
+        f"walpatch: cannot subclass {cls.__module__}.{cls.__qualname__} ({exc!r}); its "
+        "objects are not guarded", dedupe_key=f"{cls.__module__}.{cls.__qualname__}",
+        outcome="unguarded")
 
-    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
-        base_init(self, *args, **kwargs)
-        self._walpatch_database = args[0] if args else kwargs.get("database")
-        events.count("connections")
+
+def guard_cursor_object(cur: Any, default_cursor: type, kit: guard.Kit) -> Any:
+    """Guard a cursor that was made without our factory (by a cursor factory that is a
+    function, or by a ``cursor()`` override that builds it itself): switch its class to the
+    guarded subclass of its class, which has the same layout. Not possible for an instance of
+    the C type ``sqlite3.Cursor`` itself (immutable): such a cursor stays unguarded."""
+    cls = type(cur)
+    if getattr(cls, GUARDED_MARK, False) or not isinstance(cur, default_cursor):
+        return cur
+    if not cls.__flags__ & _HEAPTYPE or cls.__flags__ & _IMMUTABLETYPE:
+        return cur
+    guarded = guarded_cursor_class(cls, kit)
+    if guarded is not cls:
+        try:
+            cur.__class__ = guarded
+        except TypeError:  # a layout __class__ assignment does not accept: leave it as it is
+            pass
+    return cur
+
+
+_HEAPTYPE = 1 << 9
+_IMMUTABLETYPE = 1 << 8  # 3.10+; the C types of 3.8/3.9 are not heap types anyway
+
+
+def _cursor_guard_class(module: ModuleType, kit: guard.Kit) -> type:
+    """A ``module.Connection`` subclass that guards ``cursor()`` and is placed *behind* the
+    caller's connection class in the guarded class's MRO (bases ``(caller's class, this)``).
+
+    So a caller's class whose own ``cursor()`` calls ``super().cursor(MyCursor)`` reaches this
+    method with *its* factory, which is then swapped for the guarded subclass of MyCursor; and
+    a ``cursor()`` override that takes no factory argument is called exactly as it was.
+    """
+    cls = _cursor_guards.get(id(module))
+    if cls is not None:
+        return cls
+    connection_cls = module.Connection
+    base_cursor = connection_cls.cursor
+    default_cursor = module.Cursor
 
     def cursor(self: Any, *args: Any, **kwargs: Any) -> Any:
         factory = args[0] if args else kwargs.get("factory", default_cursor)
@@ -120,9 +179,32 @@ def _make_connection_class(base: Any, module: ModuleType, kit: guard.Kit) -> typ
                 args = (guarded,) + args[1:]
             else:
                 kwargs["factory"] = guarded
-        # A factory that is a plain function cannot be subclassed: its cursors are not guarded
-        # (README "Limits"); Connection.execute* on 3.11+ still are.
-        return base_cursor(self, *args, **kwargs)
+            return base_cursor(self, *args, **kwargs)
+        # A factory that is a function: guard what it returns where its class allows it.
+        return guard_cursor_object(base_cursor(self, *args, **kwargs), default_cursor, kit)
+
+    cls = type("WalpatchCursorGuard", (connection_cls,), {
+        "__slots__": (),
+        "__module__": __name__,
+        "__doc__": "walpatch: guards the cursors of a connection (see connection.py).",
+        "cursor": _like(cursor, base_cursor),
+    })
+    _cursor_guards[id(module)] = cls
+    return cls
+
+
+def _make_connection_class(base: Any, module: ModuleType, kit: guard.Kit) -> type:
+    cursor_guard = _cursor_guard_class(module, kit)
+    default_cursor = module.Cursor
+    base_init = base.__init__
+    base_execute = base.execute
+    base_executemany = base.executemany
+    base_executescript = base.executescript
+
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        base_init(self, *args, **kwargs)
+        self._walpatch_database = args[0] if args else kwargs.get("database")
+        events.count("connections")
 
     namespace: Dict[str, Any] = {
         "__slots__": ("_walpatch_database",),
@@ -130,12 +212,21 @@ def _make_connection_class(base: Any, module: ModuleType, kit: guard.Kit) -> typ
         "__qualname__": base.__qualname__,
         "__doc__": base.__doc__,
         GUARDED_MARK: True,
-        "__init__": __init__,
-        "cursor": cursor,
+        "__init__": _like(__init__, base_init),
     }
 
+    if base.cursor is not module.Connection.cursor:
+        # The caller's class has its own cursor(): call it exactly as the caller did, then
+        # guard a cursor it built itself (MyCursor(self)) rather than through super().cursor.
+        base_cursor = base.cursor
+
+        def cursor(self: Any, *args: Any, **kwargs: Any) -> Any:
+            return guard_cursor_object(base_cursor(self, *args, **kwargs), default_cursor, kit)
+
+        namespace["cursor"] = _like(cursor, base_cursor)
+
     if _CONNECTION_EXECUTES_IN_C:
-        def execute(self: Any, sql: Any, *args: Any) -> Any:
+        def execute(self: Any, sql: Any, /, *args: Any) -> Any:
             plan = scan(sql)
             if plan is None:
                 return base_execute(self, sql, *args)
@@ -143,7 +234,7 @@ def _make_connection_class(base: Any, module: ModuleType, kit: guard.Kit) -> typ
                 kit, self, plan.requests[0], lambda: base_execute(self, sql, *args),
                 can_retry=True)
 
-        def executemany(self: Any, sql: Any, *args: Any) -> Any:
+        def executemany(self: Any, sql: Any, /, *args: Any) -> Any:
             plan = scan(sql)
             if plan is None:
                 return base_executemany(self, sql, *args)
@@ -151,7 +242,7 @@ def _make_connection_class(base: Any, module: ModuleType, kit: guard.Kit) -> typ
                 kit, self, plan.requests[0], lambda: base_executemany(self, sql, *args),
                 can_retry=False)
 
-        def executescript(self: Any, sql: Any, *args: Any) -> Any:
+        def executescript(self: Any, sql: Any, /, *args: Any) -> Any:
             plan = scan(sql)
             if plan is None or args:
                 return base_executescript(self, sql, *args)
@@ -159,14 +250,28 @@ def _make_connection_class(base: Any, module: ModuleType, kit: guard.Kit) -> typ
                 kit, self, plan, sql, lambda text: base_executescript(self, text),
                 lambda text: base_execute(self, text))
 
-        namespace.update(execute=execute, executemany=executemany, executescript=executescript)
+        namespace.update(
+            execute=_like(execute, base_execute),
+            executemany=_like(executemany, base_executemany),
+            executescript=_like(executescript, base_executescript))
 
-    return type(base.__name__, (base,), namespace)
+    bases = (cursor_guard,) if base is module.Connection else (base, cursor_guard)
+    try:
+        return type(base.__name__, bases, namespace)
+    except TypeError:
+        # No consistent MRO with the cursor guard behind the caller's class (an unusual
+        # hierarchy): guard on top only; its cursors are then guarded by guard_cursor_object.
+        if "cursor" not in namespace:
+            def top_cursor(self: Any, *args: Any, **kwargs: Any) -> Any:
+                return cursor_guard.cursor(self, *args, **kwargs)
+
+            namespace["cursor"] = _like(top_cursor, base.cursor)
+        return type(base.__name__, (base,), namespace)
 
 
 def guarded_connection_class(base: Any, module: ModuleType) -> Any:
     """The guarded subclass for connection class ``base`` (cached); ``base`` itself when it
-    cannot be guarded (not a Connection subclass, or already guarded)."""
+    cannot be guarded (not a Connection subclass, already guarded, or not subclassable)."""
     if not isinstance(base, type) or not issubclass(base, module.Connection):
         return base
     if getattr(base, GUARDED_MARK, False):
@@ -179,10 +284,14 @@ def guarded_connection_class(base: Any, module: ModuleType) -> Any:
         cls = _connection_classes.get(key)
         if cls is None:
             kit = kit_for(module)
-            cls = _connection_classes[key] = _make_connection_class(base, module, kit)
+            try:
+                cls = _make_connection_class(base, module, kit)
+            except Exception as exc:  # fail open: the caller's class, unguarded
+                _warn_unguardable(base, exc)
+                return base
+            _connection_classes[key] = cls
         return cls
 
 
 def is_guarded(conn: Any) -> bool:
     return bool(getattr(type(conn), GUARDED_MARK, False))
-
