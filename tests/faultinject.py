@@ -79,6 +79,11 @@ def errno_value(err: Union[int, str]) -> int:
 _missing: Optional[List[Optional[str]]] = None
 
 
+def fiu_run_command() -> str:
+    """``fiu-run``, or the program named by ``WALPATCH_FIU_RUN`` (a non-standard install)."""
+    return os.environ.get("WALPATCH_FIU_RUN") or "fiu-run"
+
+
 def missing_reason() -> Optional[str]:
     """None when real faults can be injected here, else a sentence saying what is missing.
 
@@ -88,8 +93,9 @@ def missing_reason() -> Optional[str]:
     global _missing
     if _missing is None:
         reason: Optional[str] = None
-        if shutil.which("fiu-run") is None:
-            reason = "fiu-run is not on PATH (apt-get install -y fiu-utils libfiu-dev)"
+        if shutil.which(fiu_run_command()) is None:
+            reason = (f"{fiu_run_command()} is not on PATH "
+                      "(apt-get install -y fiu-utils libfiu-dev)")
         elif not os.path.exists(POSIX_PRELOAD):
             reason = f"{POSIX_PRELOAD} is missing (apt-get install -y fiu-utils)"
         else:
@@ -197,7 +203,7 @@ def _run(argv: List[str], python: Optional[str], env: Optional[Mapping[str, str]
         reason = missing_reason()
         if reason:
             raise RuntimeError(f"libfiu is not usable here: {reason}")
-        cmd = ["fiu-run", "-x", "-f", "", *cmd]
+        cmd = [fiu_run_command(), "-x", "-f", "", *cmd]
     proc = subprocess.run(cmd, env=full_env, cwd=cwd or ROOT, stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, timeout=timeout, universal_newlines=True)
     return RunResult(proc.returncode, proc.stdout, proc.stderr, parse_result(proc.stdout))
@@ -448,6 +454,7 @@ def emit(result: Mapping[str, Any]) -> None:
 
 __all__ = [
     "POINTS", "FIU_ONETIME", "ROOT", "RunResult", "Fault", "missing_reason", "child_env",
+    "fiu_run_command",
     "run_script", "run_snippet", "parse_result", "header_versions", "inspect_database",
     "header_versions_in_process", "cached_venv", "libfiu",
     "under_fiu_run", "enable", "inject", "enable_onetime", "emit", "point_name", "errno_value",

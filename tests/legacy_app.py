@@ -171,7 +171,7 @@ def main(argv: Optional[list] = None) -> int:
             exc.__context__ is not None and exc.__context__ is app.caught
         if hasattr(exc, "original_error"):
             crashed["original_error_is_caught_error"] = \
-                getattr(exc, "original_error") is app.caught
+                exc.original_error is app.caught  # type: ignore[attr-defined]
             crashed["reason"] = getattr(exc, "reason", None)
             crashed["database"] = getattr(exc, "database", None)
         if walpatch is not None:
