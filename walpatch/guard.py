@@ -292,7 +292,9 @@ def _record_wal_error(
     category = category or _c.classify(exc, config.unsupported_markers)
     code, name = _c.error_code(exc)
     outcome = policy.outcome_for_category(category)
-    detail = f"{name or type(exc).__name__} ({category}, {exc})"
+    # No str(exc) here: this text ends up in WalDowngradeRefused's message, which must not
+    # contain the phrases legacy fallbacks match on ("disk i/o error", "locked").
+    detail = f"{name or type(exc).__name__} ({category})"
     for target in targets:
         runtime.record(target.path, policy.History(outcome, category, exc, detail))
     counter = "wal_unsupported" if outcome == policy.WAL_UNSUPPORTED else "wal_failed"
@@ -317,19 +319,36 @@ def _record_wal_error(
             error=name, code=code, category=category, attempts=attempts, outcome=outcome)
 
 
-def _verify_wal(
-    kit: Kit, conn: Any, request: Request, targets: List[Target], config: Config, attempts: int,
-    check_disk: bool = True,
-) -> None:
-    """After a WAL request ran to completion: is each file really in WAL now?
+class _Observation(NamedTuple):
+    target: Target
+    mode: Optional[str]  # what the connection reports now
+    disk: Optional[ondisk.DiskState]  # None when the header is not to be trusted yet
 
-    The connection's own answer is compared with the header on disk, because after a failed
-    sync the connection can report 'wal' while the file still says rollback (design.md §3).
-    """
-    for target in targets:
-        mode = _current_mode(kit, conn, target.schema)
-        disk = ondisk.read_disk_state(target.path) if check_disk else None
-        if mode == "wal" and (disk is None or disk.mode in (ondisk.WAL, ondisk.EMPTY)):
+    @property
+    def is_wal(self) -> bool:
+        return self.mode == "wal" and (
+            self.disk is None or self.disk.mode in (ondisk.WAL, ondisk.EMPTY))
+
+    @property
+    def stale(self) -> bool:
+        """The connection reports WAL but the header on disk does not (design.md §3: seen
+        after a failed sync); a fresh read and another attempt fix it."""
+        return self.mode == "wal" and not self.is_wal
+
+
+def _observe(kit: Kit, conn: Any, targets: List[Target], check_disk: bool) -> List[_Observation]:
+    return [
+        _Observation(t, _current_mode(kit, conn, t.schema),
+                     ondisk.read_disk_state(t.path) if check_disk else None)
+        for t in targets
+    ]
+
+
+def _record_wal_result(conn: Any, observations: List[_Observation], attempts: int) -> None:
+    """Record and report, per file, whether a completed WAL request really took effect."""
+    for obs in observations:
+        target = obs.target
+        if obs.is_wal:
             runtime.record(target.path, policy.History(policy.WAL_OK))
             events.count("wal_ok")
             if attempts > 1:
@@ -345,13 +364,13 @@ def _verify_wal(
                     "wal-ok", logging.DEBUG, f"walpatch: journal_mode=WAL on {target.path} ok",
                     file=target.path, schema=target.schema, request="wal", outcome="ok")
             continue
-        if mode == "wal" and disk is not None:
+        if obs.stale and obs.disk is not None:
             why = policy.SilentRefusal(
-                f"the connection reports WAL but on disk {disk.detail}", False)
+                f"the connection reports WAL but on disk {obs.disk.detail}", False)
         else:
             database = getattr(conn, "_walpatch_database", None)
             why = policy.explain_silent_refusal(
-                mode or "?", bool(getattr(conn, "in_transaction", False)),
+                obs.mode or "?", bool(getattr(conn, "in_transaction", False)),
                 _vfs_without_shm(database), _read_only(database, target.path))
         outcome = policy.WAL_UNSUPPORTED if why.permanent else policy.WAL_FAILED
         runtime.record(target.path, policy.History(
@@ -361,8 +380,45 @@ def _verify_wal(
             "wal-silently-refused", logging.WARNING,
             f"walpatch: journal_mode=WAL on {target.path} was not applied: {why.reason}",
             dedupe_key=target.path, file=target.path, schema=target.schema, request="wal",
-            returned=mode, disk=disk.mode if disk else None, reason=why.reason,
+            returned=obs.mode, disk=obs.disk.mode if obs.disk else None, reason=why.reason,
             outcome=outcome)
+
+
+def _verify_wal(
+    kit: Kit, conn: Any, request: Request, targets: List[Target], config: Config, attempts: int,
+    check_disk: bool = True,
+) -> None:
+    """After a WAL request ran to completion: is each file really in WAL now?"""
+    _record_wal_result(conn, _observe(kit, conn, targets, check_disk), attempts)
+
+
+def _wait_before_retry(
+    kit: Kit, conn: Any, targets: List[Target], config: Config, attempts: int, started: float,
+    what: str, category: str, error_name: Optional[str],
+) -> bool:
+    """Back off before another attempt; False when the budget is spent (or in observe mode)."""
+    delay = policy.retry_delay(attempts, time.monotonic() - started, config, _random.random())
+    if delay is None:
+        return False
+    if config.observe:
+        events.count("observed_would_retry")
+        return False
+    events.count("wal_retries")
+    for target in targets:
+        events.emit(
+            "wal-retry", logging.WARNING,
+            f"walpatch: journal_mode=WAL on {target.path} failed: {what}; retrying in "
+            f"{delay:.3f}s (attempt {attempts} of {config.retry_attempts})",
+            dedupe_key=target.path, file=target.path, schema=target.schema, request="wal",
+            error=error_name, category=category, attempts=attempts, outcome="retry")
+    time.sleep(delay)
+    # A failed switch can leave the connection believing it is in WAL while the header says
+    # otherwise; any read makes it look at the file again, so the next attempt really writes.
+    try:
+        _query(kit, conn, "PRAGMA schema_version")
+    except kit.error:
+        pass
+    return True
 
 
 def _guard_wal(
@@ -370,47 +426,45 @@ def _guard_wal(
     can_retry: bool,
 ) -> Any:
     events.count("wal_requests")
+    if not can_retry:
+        # executemany: its parameters may be a one-shot iterator, so one attempt only.
+        try:
+            result = call()
+        except kit.error as exc:
+            _record_wal_error(kit, request, targets, exc, config, 1, note=True)
+            raise
+        _verify_wal(kit, conn, request, targets, config, 1, check_disk=False)
+        return result
     started = time.monotonic()
     attempts = 0
     io_seen = False
     while True:
         attempts += 1
         try:
-            if can_retry:
-                # Run the request to completion so that the journal-mode change commits (and
-                # any error of that commit surfaces) here, inside the retry loop; then run it
-                # again to hand the caller a fresh result. The second run asks for the mode
-                # the connection is now in, which SQLite treats as a no-op.
-                call().fetchall()
-                _verify_wal(kit, conn, request, targets, config, attempts)
-                return call()
-            result = call()
+            # Run the request to completion so that the journal-mode change commits (and any
+            # error of that commit surfaces) here, inside the retry loop.
+            call().fetchall()
         except kit.error as exc:
             category = _c.classify(exc, config.unsupported_markers, after_io_error=io_seen)
             io_seen = io_seen or category == _c.TRANSIENT_IO
-            if _c.is_retryable(category) and can_retry:
-                delay = policy.retry_delay(
-                    attempts, time.monotonic() - started, config, _random.random())
-                if delay is not None and config.observe:
-                    events.count("observed_would_retry")
-                    delay = None
-                if delay is not None:
-                    events.count("wal_retries")
-                    name = _c.error_code(exc)[1] or type(exc).__name__
-                    for target in targets:
-                        events.emit(
-                            "wal-retry", logging.WARNING,
-                            f"walpatch: journal_mode=WAL on {target.path} failed with {name} "
-                            f"({category}); retrying in {delay:.3f}s (attempt {attempts} of "
-                            f"{config.retry_attempts})",
-                            dedupe_key=target.path, file=target.path, schema=target.schema,
-                            request="wal", error=name, category=category, attempts=attempts,
-                            outcome="retry")
-                    time.sleep(delay)
-                    continue
+            # CORRUPT is retried too: a transient EIO on read surfaces as "malformed", and
+            # real corruption simply fails again (and is then raised, never a downgrade signal).
+            retryable = _c.is_retryable(category) or category == _c.CORRUPT
+            name = _c.error_code(exc)[1] or type(exc).__name__
+            if retryable and _wait_before_retry(
+                    kit, conn, targets, config, attempts, started, f"{name} ({category})",
+                    category, name):
+                continue
             _record_wal_error(kit, request, targets, exc, config, attempts, note=True,
                               category=category)
             raise
-        # executemany: parameters may be a one-shot iterator, so no second run and no retry.
-        _verify_wal(kit, conn, request, targets, config, attempts, check_disk=False)
-        return result
+        observations = _observe(kit, conn, targets, check_disk=True)
+        if any(o.stale for o in observations) and _wait_before_retry(
+                kit, conn, targets, config, attempts, started,
+                "the connection reports WAL but the header on disk does not", _c.TRANSIENT_IO,
+                None):
+            continue
+        _record_wal_result(conn, observations, attempts)
+        # Hand the caller a fresh result: asking for the mode the connection is now in is a
+        # no-op for SQLite.
+        return call()
