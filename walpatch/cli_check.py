@@ -241,6 +241,7 @@ def inspect_raw(path: str) -> Dict[str, Any]:
     if page_size and st.st_size % page_size:
         problems.append(f"the file size ({st.st_size}) is not a whole number of "
                         f"{page_size}-byte pages")
+    out["header_ok"] = (not problems) if data else None
     wal = _wal_info(path + "-wal", page_size)
     shm = _sidecar(path + "-shm", 1)
     shm.pop("_head", None)
@@ -275,8 +276,8 @@ def inspect_raw(path: str) -> Dict[str, Any]:
     if state.mode == ondisk.ROLLBACK and wal.get("frames"):
         out["notes"].append(f"the header says rollback but a -wal file with {wal['frames']} "
                             "frame(s) exists (left by a WAL-mode process)")
-    if state.mode == ondisk.EMPTY:
-        out["notes"].append("the file is empty: a new database, nothing written yet")
+    if state.mode == ondisk.EMPTY and not wal.get("size"):
+        out["journal_mode_detail"] = "a new database, nothing written yet"
     return out
 
 
@@ -385,8 +386,8 @@ def _is_corruption(exc: BaseException) -> bool:
 def _empty_result(path: str, expect: Optional[str]) -> Dict[str, Any]:
     return {
         "path": path, "realpath": None, "status": "error", "error": None, "size": None,
-        "journal_mode": None, "journal_mode_detail": None, "header": None, "sidecars": None,
-        "locks": None, "in_use": None, "lock_holders": [], "integrity": None,
+        "journal_mode": None, "journal_mode_detail": None, "header": None, "header_ok": None,
+        "sidecars": None, "locks": None, "in_use": None, "lock_holders": [], "integrity": None,
         "expect": expect, "expect_ok": None, "problems": [], "notes": [],
     }
 
@@ -403,21 +404,18 @@ def check_file(path: str, integrity: Optional[str] = None, expect: Optional[str]
         return result
     result.update(raw)
     problems: List[str] = result["problems"]
-    if integrity and not raw["problems"]:
+    if integrity and raw["header_ok"] is not False:
         res = run_integrity(path, raw, integrity == "full", timeout)
         result["integrity"] = res
         if res["ok"] is False:
             problems.append(f"{res['check']} failed: " + (
                 "; ".join(res["messages"][:3]) or res["error"] or "see messages"))
-        elif not res["ran"] and raw["size"]:
-            if raw["sidecars"]["journal"].get("hot"):
-                pass  # already a problem: the hot journal
-            else:
-                problems.append(f"{res['check']} could not run: {res['error'] or res['how']}")
+        elif not res["ran"] and raw["size"] and not raw["sidecars"]["journal"].get("hot"):
+            problems.append(f"{res['check']} could not run: {res['error'] or res['how']}")
     elif integrity:
         result["integrity"] = {"check": "integrity_check" if integrity == "full" else
                                "quick_check", "ran": False, "ok": None, "messages": [],
-                               "error": None, "how": "not run: the header is not valid"}
+                               "error": None, "how": "the header is not valid"}
     if expect:
         mode = result["journal_mode"]
         result["expect_ok"] = mode == expect
@@ -454,63 +452,73 @@ def _fmt_size(n: Optional[int]) -> str:
     return "?" if n is None else f"{n} bytes"
 
 
+def _sidecars_text(sc: Dict[str, Any]) -> str:
+    parts = []
+    wal = sc["wal"]
+    if wal.get("exists"):
+        text = f"-wal {_fmt_size(wal['size'])}"
+        if wal.get("valid_header") is False and wal.get("size"):
+            text += " (NOT a valid WAL header)"
+        elif wal.get("frames") is not None:
+            text += f" ({wal['frames']} frame(s))"
+        parts.append(text)
+    else:
+        parts.append("-wal none")
+    shm = sc["shm"]
+    parts.append(f"-shm {_fmt_size(shm['size'])}" if shm.get("exists") else "-shm none")
+    j = sc["journal"]
+    if j.get("exists"):
+        hot = {True: "HOT", False: "not hot", None: "hot or not: unknown"}[j.get("hot")]
+        parts.append(f"-journal {_fmt_size(j['size'])} ({hot})")
+    else:
+        parts.append("-journal none")
+    return ", ".join(parts)
+
+
 def _print_human(r: Dict[str, Any]) -> None:
     mode = r["journal_mode"]
-    label = {"wal": "WAL", "rollback": "rollback journal", "empty": "empty (new database)",
-             "unknown": "UNKNOWN"}.get(mode, str(mode))
-    print(f"{r['path']}: {label}  ({r['journal_mode_detail']})")
     h = r["header"] or {}
+    label = {"wal": "WAL", "rollback": "rollback journal", "empty": "empty",
+             "unknown": "UNKNOWN"}.get(mode, str(mode))
+    if h.get("write_version") is not None and mode in ("wal", "rollback"):
+        detail = f"header bytes 18-19 = {h['write_version']}/{h['read_version']}"
+    else:
+        detail = r["journal_mode_detail"]
+    print(f"{r['path']}: {label} ({detail})")
     if h.get("magic_ok") and h.get("page_size"):
-        bits = [f"page size {h['page_size']}"]
+        bits = [_fmt_size(r["size"]), f"page size {h['page_size']}"]
         if h.get("page_count") is not None:
             bits.append(f"{h['page_count']} pages")
         if h.get("text_encoding"):
             bits.append(h["text_encoding"])
         if h.get("sqlite_version"):
             bits.append(f"last written by SQLite {h['sqlite_version']}")
-        print(f"  header    {_fmt_size(r['size'])}, " + ", ".join(bits))
-    sc = r["sidecars"]
-    wal = sc["wal"]
-    if wal.get("exists"):
-        frames = wal.get("frames")
-        extra = f", {frames} frame(s)" if frames is not None else ""
-        if wal.get("valid_header") is False and wal.get("size"):
-            extra += ", NOT a valid WAL header"
-        print(f"  -wal      {_fmt_size(wal['size'])}{extra}")
-    else:
-        print("  -wal      none")
-    shm = sc["shm"]
-    print(f"  -shm      {_fmt_size(shm['size']) if shm.get('exists') else 'none'}")
-    j = sc["journal"]
-    if j.get("exists"):
-        hot = {True: "HOT (a writer died mid-transaction)", False: "not hot",
-               None: "hot or not: unknown"}[j.get("hot")]
-        print(f"  -journal  {_fmt_size(j['size'])}, {hot}")
-    else:
-        print("  -journal  none")
+        print(f"  header     {'ok' if r['header_ok'] else 'BAD'}: " + ", ".join(bits))
+    print(f"  sidecars   {_sidecars_text(r['sidecars'])}")
     locks = r["locks"] or {}
     if locks.get("error"):
-        print(f"  in use    unknown (locks cannot be queried: {locks['error']})")
+        print(f"  in use     unknown (locks cannot be queried: {locks['error']})")
     elif r["in_use"]:
         who = []
-        if locks.get("reserved") or locks.get("pending"):
-            who.append(f"writing: pid {locks.get('reserved') or locks.get('pending')}")
+        writer = locks.get("reserved") or locks.get("pending")
+        if writer:
+            who.append(f"pid {writer} is writing")
         if locks.get("shared"):
-            who.append(f"open: pid {locks['shared']}")
-        if locks.get("shm"):
-            who.append(f"-shm: pid {locks['shm']}")
-        print("  in use    yes (" + ", ".join(who) + ")")
+            who.append(f"pid {locks['shared']} has it open")
+        if locks.get("shm") and locks.get("shm") != locks.get("shared"):
+            who.append(f"pid {locks['shm']} uses the -shm")
+        print("  in use     yes (" + ", ".join(who) + ")")
     else:
-        print("  in use    no (no process holds a lock on it)")
+        print("  in use     no (no process holds a lock on it)")
     integ = r["integrity"]
     if integ:
         if integ["ran"]:
             text = "ok" if integ["ok"] else "FAILED: " + "; ".join(integ["messages"][:5])
         else:
             text = "not run: " + (integ["error"] or integ["how"])
-        print(f"  {integ['check']:<9} {text}")
+        print(f"  integrity  {integ['check']}: {text}")
     if r["expect"]:
-        print(f"  expect    {r['expect']}: " + ("ok" if r["expect_ok"] else "NO"))
+        print(f"  expect     {r['expect']}: " + ("ok" if r["expect_ok"] else "NO"))
     for note in r["notes"]:
         print(f"  note: {note}")
     for problem in r["problems"]:
