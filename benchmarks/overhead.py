@@ -63,18 +63,18 @@ BUDGETS: Dict[str, float] = {
 
 # Sizes per workload: (full, quick). "ops" is what a per-op figure is divided by.
 SIZES: Dict[str, Tuple[int, int]] = {
-    "tight_conn_execute": (200_000, 10_000),
-    "tight_cursor_execute": (200_000, 10_000),
-    "unique_sql": (50_000, 5_000),
-    "realistic_wal": (400, 40),  # transactions of 10 inserts, 10 indexed selects, 5 updates
-    "executemany_100k": (100_000, 10_000),
-    "iterate_200k": (200_000, 20_000),
-    "connect_close": (2_000, 200),
-    "connect_wal_close": (1_000, 100),
-    "jm_wal_on_wal_file": (2_000, 200),
-    "jm_wal_on_memory": (5_000, 500),
-    "jm_delete_on_rollback_file": (2_000, 200),
-    "jm_downgrade_refused": (2_000, 200),
+    "tight_conn_execute": (200_000, 3_000),
+    "tight_cursor_execute": (200_000, 3_000),
+    "unique_sql": (50_000, 1_000),
+    "realistic_wal": (400, 10),  # transactions of 10 inserts, 10 indexed selects, 5 updates
+    "executemany_100k": (100_000, 3_000),
+    "iterate_200k": (200_000, 5_000),
+    "connect_close": (2_000, 50),
+    "connect_wal_close": (1_000, 30),
+    "jm_wal_on_wal_file": (2_000, 50),
+    "jm_wal_on_memory": (5_000, 100),
+    "jm_delete_on_rollback_file": (2_000, 50),
+    "jm_downgrade_refused": (2_000, 50),
 }
 
 DESCRIPTIONS: Dict[str, str] = {
@@ -115,9 +115,9 @@ NOT_RUN: Dict[Tuple[str, str], str] = {
 WORKLOADS = list(SIZES)
 
 MEMORY_SIZES = {  # (full, quick)
-    "connect_close_cycles": (10_000, 1_000),
-    "connect_wal_close_cycles": (10_000, 500),
-    "unique_sql_statements": (200_000, 20_000),
+    "connect_close_cycles": (10_000, 300),
+    "connect_wal_close_cycles": (10_000, 200),
+    "unique_sql_statements": (200_000, 5_000),
 }
 
 
