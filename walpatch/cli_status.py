@@ -1,28 +1,92 @@
-"""Say whether walpatch is active in this interpreter, in which mode, with which settings."""
+"""Say whether walpatch is active in this interpreter, in which mode, with which settings,
+which modules are hooked, and how it got switched on (or why it is off).
+
+``walpatch status`` runs in a Python interpreter of the environment it is installed in, so
+what it reports for itself is what every interpreter of that environment gets with the same
+environment variables: with ``WALPATCH`` set, walpatch is armed at start and installs when the
+application first imports sqlite3 (or pysqlite3 / sqlean).
+"""
 from __future__ import annotations
 
 import argparse
 import json
+from typing import Any, Dict, List
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print JSON")
 
 
-def run(args: argparse.Namespace) -> int:
+def collect() -> Dict[str, Any]:
+    """``walpatch.status()`` plus the activation facts and the settings the environment
+    gives (with their warnings), also before walpatch has installed."""
     import walpatch
+    from walpatch import _bootstrap
+    from walpatch.config import build_config, describe
 
-    info = walpatch.status()
+    info: Dict[str, Any] = dict(walpatch.status())
+    info["activation"] = _bootstrap.info()
+    if info.get("settings") is None:
+        config, warnings = build_config({})
+        info["environment_settings"] = describe(config)
+        info["environment_setting_sources"] = dict(config.sources)
+    else:
+        _, warnings = build_config({})
+    info["setting_warnings"] = list(warnings)
+    return info
+
+
+def _describe_activation(info: Dict[str, Any]) -> List[str]:
+    act = info["activation"]
+    env = act["env_value"]
+    env_text = "WALPATCH is unset" if env is None else f"WALPATCH={env!r}"
+    lines: List[str] = []
+    if info["installed"]:
+        by = ", ".join(act["activated_by"]) or "walpatch.install()"
+        how = f"by {by}" + (f" ({env_text})" if act["activated_by"] else "")
+        lines.append(f"walpatch {info['version']} is active, mode: {info['mode']} ({how})")
+    elif act["armed"] and act["waiting_for_import"]:
+        mode = info["environment_settings"]["mode"]
+        lines.append(
+            f"walpatch {info['version']} is armed by {', '.join(act['activated_by'])} "
+            f"({env_text}), mode: {mode}: it installs when the application first imports "
+            "sqlite3, pysqlite3 or sqlean (none is imported in this interpreter yet)")
+    else:
+        lines.append(f"walpatch {info['version']} is not active in this interpreter "
+                     f"({env_text})")
+        if act["error"]:
+            lines.append(f"  activation failed: {act['error']}")
+        elif act["env_requests_walpatch"] and not act["pth_files"]:
+            lines.append("  WALPATCH is set, but no walpatch.pth is installed for this "
+                         "interpreter: use `walpatch run` or a sitecustomize "
+                         "(sitecustomize_example.py)")
+        else:
+            lines.append("  switch it on: WALPATCH=1 (or observe) in the environment, "
+                         "`walpatch run -- COMMAND`, or walpatch.install() in code")
+    pth = act["pth_files"]
+    lines.append("walpatch.pth: " + (", ".join(pth) if pth else "not installed here"))
+    return lines
+
+
+def run(args: argparse.Namespace) -> int:
+    info = collect()
     if args.json:
         print(json.dumps(info, indent=2, sort_keys=True, default=str))
         return 0
-    if not info["installed"]:
-        print("walpatch is not active in this interpreter")
-        return 0
-    print(f"walpatch {info['version']} is active, mode: {info['mode']}")
-    print("hooked modules: " + (", ".join(info["hooked_modules"]) or "none yet "
-                                "(sqlite3 not imported; hooked on import)"))
-    for key, value in sorted((info["settings"] or {}).items()):
-        source = info["setting_sources"].get(key, "default")
-        print(f"  {key} = {value!r}  ({source})")
+    for line in _describe_activation(info):
+        print(line)
+    hooked = info["hooked_modules"]
+    print("hooked modules: " + (", ".join(hooked) if hooked else "none yet "
+                                "(hooked when sqlite3, pysqlite3 or sqlean is imported)"))
+    if info.get("settings") is not None:
+        settings, sources, title = info["settings"], info["setting_sources"], "settings"
+    else:
+        settings = info["environment_settings"]
+        sources = info["environment_setting_sources"]
+        title = "settings the environment gives"
+    print(f"{title}:")
+    for key, value in sorted(settings.items()):
+        print(f"  {key} = {value!r}  ({sources.get(key, 'default')})")
+    for warning in info["setting_warnings"]:
+        print(f"warning: {warning}")
     return 0

@@ -12,7 +12,7 @@ from __future__ import annotations
 import sys
 import threading
 from types import ModuleType
-from typing import Any, Dict, List, Tuple
+from typing import Any, Callable, Dict, List, Tuple
 
 from . import importhook
 
@@ -37,25 +37,56 @@ def is_active() -> bool:
 
 
 def _make_wrapper(dbapi: ModuleType) -> Any:
-    from .connection import guarded_connection_class
-
     default = dbapi.Connection
+    # The guard (connection.py and what it imports) is loaded at the first connect(), not when
+    # the application imports sqlite3: an application that imports sqlite3 and never
+    # connects does not pay for it. Holds connection.guarded_connection_class once loaded.
+    loaded: List[Callable[[Any, ModuleType], Any]] = []
 
-    def connect_wrapper(wrapped: Any, instance: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
+    def connect_wrapper(
+        wrapped: Any, instance: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any]
+    ) -> Any:
+        if not loaded:
+            from .connection import guarded_connection_class
+
+            loaded.append(guarded_connection_class)
+        factory = loaded[0]
         if len(args) > FACTORY_POSITION:
-            guarded = guarded_connection_class(args[FACTORY_POSITION], dbapi)
+            guarded = factory(args[FACTORY_POSITION], dbapi)
             args = args[:FACTORY_POSITION] + (guarded,) + args[FACTORY_POSITION + 1:]
         else:
-            kwargs["factory"] = guarded_connection_class(kwargs.get("factory", default), dbapi)
+            kwargs["factory"] = factory(kwargs.get("factory", default), dbapi)
         return wrapped(*args, **kwargs)
 
     return connect_wrapper
 
 
-def _patch_family(package: ModuleType) -> None:
-    """Post-import callback: wrap connect in ``package`` and its dbapi2 module."""
-    import wrapt  # only now: importing wrapt costs tens of milliseconds
+_reentry = threading.local()
 
+
+def _patch_family(package: ModuleType) -> None:
+    """Post-import callback: wrap connect in ``package`` and its dbapi2 module.
+
+    An import made here could import another watched family (``connection`` imports
+    ``errors``, which imports ``sqlite3``: that is why the guard is loaded at the first
+    ``connect()`` instead), whose callback would then run inside this one, on this thread.
+    Such a nested call is queued and patched by the outer call once its imports are done.
+    """
+    pending = getattr(_reentry, "pending", None)
+    if pending is not None:
+        pending.append(package)
+        return
+    _reentry.pending = pending = [package]
+    try:
+        import wrapt  # only now: importing wrapt costs tens of milliseconds
+
+        while pending:
+            _patch_one(pending.pop(0), wrapt)
+    finally:
+        _reentry.pending = None
+
+
+def _patch_one(package: ModuleType, wrapt: Any) -> None:
     dbapi_name = FAMILIES.get(package.__name__)
     dbapi = sys.modules.get(dbapi_name) if dbapi_name else None
     if dbapi is None:
