@@ -40,9 +40,13 @@ _PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # The application's process: `python -c LAUNCHER db --fault pwrite`. With walpatch, the two
 # lines a user would put in sitecustomize run first; the application's code is the same.
+# sqlite3 is imported first so that a failing install (wrapt missing) shows here, at once.
 _LAUNCH_PLAIN = "import sys; from walpatch import demo_app; sys.exit(demo_app.main(sys.argv[1:]))"
-_LAUNCH_WALPATCH = ("import walpatch; walpatch.install(); "
-                    "import sys; from walpatch import demo_app; sys.exit(demo_app.main(sys.argv[1:]))")
+_LAUNCH_WALPATCH = ("import sys, sqlite3, walpatch\n"
+                    "if not walpatch.install() or 'sqlite3' not in "
+                    "walpatch.status()['hooked_modules']: sys.exit(5)\n"
+                    "from walpatch import demo_app; sys.exit(demo_app.main(sys.argv[1:]))")
+EXIT_INSTALL_FAILED = 5
 
 _SETUP = r"""
 import sqlite3, sys
@@ -183,6 +187,11 @@ def run_app(scratch: str, scenario: Scenario, with_walpatch: bool) -> Dict[str, 
                               cwd=scratch)
     except (OSError, subprocess.SubprocessError) as exc:
         raise DemoError(f"cannot run the application under fiu-run: {exc}") from None
+    if with_walpatch and proc.returncode == EXIT_INSTALL_FAILED:
+        last = (proc.stderr.strip().splitlines() or ["no message"])[-1]
+        raise DemoError(f"walpatch cannot be activated in {sys.executable} ({last}); install "
+                        "walpatch with its dependencies (pip install walpatch) and run the demo "
+                        "again")
     app = _last_json(proc.stdout) or {}
     after = _header(db)
     run: Dict[str, Any] = {
