@@ -241,3 +241,23 @@ def test_faults_api_validation() -> None:
     if not faults.under_fiu_run():  # pytest itself does not run under fiu-run
         with pytest.raises(RuntimeError, match="fiu-run -x"):
             faults.Fault("pwrite").enable()
+
+
+@pytest.mark.fault
+def test_demo_when_walpatch_cannot_be_activated(tmp_path: Path) -> None:
+    """wrapt unimportable in the application's interpreter: the demo says so (exit 2) rather
+    than showing an unprotected run under the "with walpatch" heading."""
+    if faults.available()[0] is False:
+        pytest.skip(f"libfiu not available: {faults.available()[1]}")
+    shim = tmp_path / "shim"
+    shim.mkdir()
+    (shim / "wrapt.py").write_text("raise ImportError('wrapt is broken on purpose')\n")
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    proc = demo("--dir", str(scratch),
+                extra_env={"PYTHONPATH": os.pathsep.join([str(ROOT), str(shim)])})
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert proc.stderr.startswith(f"walpatch demo: walpatch cannot be activated in "
+                                  f"{sys.executable} (")
+    assert "wrapt is broken on purpose" in proc.stderr
+    assert proc.stdout == "" and os.listdir(scratch) == []
