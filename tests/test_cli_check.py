@@ -296,15 +296,18 @@ def test_wal_database_held_open_mid_transaction(tmp_path: Path) -> None:
         before = sorted(os.listdir(tmp_path))
         assert before == ["busy.db", "busy.db-shm", "busy.db-wal"]
         wal_before = (tmp_path / "busy.db-wal").read_bytes()
+        shm_before = (tmp_path / "busy.db-shm").read_bytes()
         proc, data = check_json("--integrity", "--expect", "wal", str(db))
         assert proc.returncode == 0, proc.stdout + proc.stderr
         f = data["files"][0]
         assert f["in_use"] is True and holder.proc.pid in f["lock_holders"]
         assert f["locks"]["reserved"] is None  # WAL writers lock the -shm, not the db file
-        assert f["integrity"]["ok"] is True and "mode=ro" in f["integrity"]["how"]
+        assert f["integrity"]["ok"] is True and "readonly_shm=1" in f["integrity"]["how"]
         assert f["sidecars"]["wal"]["exists"] and f["sidecars"]["shm"]["exists"]
         assert sorted(os.listdir(tmp_path)) == before
         assert (tmp_path / "busy.db-wal").read_bytes() == wal_before
+        # readonly_shm=1: not even a read mark was written into the -shm file
+        assert (tmp_path / "busy.db-shm").read_bytes() == shm_before
         # The holder's transaction was not disturbed: it commits its row.
         assert holder.commit() == "committed 51"
     finally:
@@ -388,3 +391,22 @@ def test_wal_file_without_shm_is_not_opened(tmp_path: Path) -> None:
     assert f["integrity"]["ran"] is False
     assert "would create the -shm file" in f["integrity"]["how"]
     assert snapshot(copy) == before and sorted(os.listdir(copy)) == ["c.db", "c.db-wal"]
+
+
+def test_wal_left_by_a_killed_process_is_read_without_writing(tmp_path: Path) -> None:
+    """-wal and -shm left by a writer killed with SIGKILL: the check reads them (a committed
+    frame lives only in the -wal) and leaves all three files byte for byte as they were."""
+    db = make_db(tmp_path / "k.db", "wal", rows=20)
+    holder = Holder(db, "wal")
+    assert holder.commit() == "committed 21"
+    holder.proc.send_signal(signal.SIGKILL)
+    holder.proc.wait()
+    assert sorted(os.listdir(tmp_path)) == ["k.db", "k.db-shm", "k.db-wal"]
+    before = snapshot(tmp_path)
+    proc, data = check_json("--integrity", "--full", str(db))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    f = data["files"][0]
+    assert f["in_use"] is False and f["integrity"]["ok"] is True
+    assert f["integrity"]["check"] == "integrity_check"
+    assert f["sidecars"]["wal"]["frames"] >= 1 and f["sidecars"]["wal"]["valid_header"] is True
+    assert snapshot(tmp_path) == before

@@ -6,8 +6,8 @@ integrity_check with --full) through a read-only connection.
 Nothing is ever created or modified, and the check is safe on a database that other processes
 are using: files are opened read-only (a missing file is never created), locks are only
 queried (F_GETLK, which takes none), and the integrity check uses a `mode=ro` connection only
-where that cannot create a -wal or -shm file (else an exact `immutable=1` read, or it is
-skipped with the reason).
+where that cannot create a -wal or -shm file, with the -shm file opened read-only (else an
+exact `immutable=1` read, or it is skipped with the reason).
 
 Exit codes: 0 every file is a healthy SQLite database (and in the --expect mode);
 1 a problem was found in a file (not SQLite, truncated or invalid header, a hot journal, a
@@ -285,12 +285,18 @@ def inspect_raw(path: str) -> Dict[str, Any]:
 # integrity, through SQLite, read-only
 # --------------------------------------------------------------------------------------------
 
-def ro_uri(path: str, immutable: bool = False) -> str:
+_URI_PARAMS = {"ro": "mode=ro", "ro-shm": "mode=ro&readonly_shm=1", "immutable": "immutable=1"}
+
+
+def ro_uri(path: str, how: str = "ro") -> str:
     """A ``file:`` URI for ``path`` opened read-only; ``?``, ``#``, ``%`` (and every other
-    character a URI reserves) are percent-encoded, so no part of a path becomes a parameter."""
+    character a URI reserves) are percent-encoded, so no part of a path becomes a parameter.
+    ``how``: "ro" (mode=ro), "ro-shm" (also readonly_shm=1: the -shm file is opened read-only
+    and never written, not even the read marks), "immutable" (immutable=1: no locks, no
+    sidecars; exact only while nobody writes)."""
     absolute = os.path.abspath(path)
     encoded = quote(os.fsencode(absolute), safe="/")
-    return f"file://{encoded}?" + ("immutable=1" if immutable else "mode=ro")
+    return f"file://{encoded}?{_URI_PARAMS[how]}"
 
 
 def _integrity_plan(raw: Dict[str, Any]) -> Tuple[Optional[str], str]:
@@ -303,7 +309,7 @@ def _integrity_plan(raw: Dict[str, Any]) -> Tuple[Optional[str], str]:
         return None, ("a hot journal must be rolled back first (by any connection with write "
                       "access); a read-only check cannot")
     if wal and shm:
-        return "ro", "read-only connection (mode=ro)"
+        return "ro-shm", "read-only connection (mode=ro, readonly_shm=1)"
     if wal and not shm:
         return None, ("a -wal file exists without a -shm file: a read-only connection would "
                       "create the -shm file (copy the files elsewhere to check them)")
@@ -331,7 +337,7 @@ def run_integrity(path: str, raw: Dict[str, Any], full: bool, timeout: float) ->
     before = {k: os.path.lexists(path + k) for k in ("-wal", "-shm", "-journal")}
     try:
         st_before = os.stat(path)
-        conn = sqlite3.connect(ro_uri(path, immutable=how == "immutable"), uri=True,
+        conn = sqlite3.connect(ro_uri(path, how), uri=True,
                                timeout=timeout, isolation_level=None)
     except (OSError, sqlite3.Error) as exc:
         out["error"] = _sqlite_error(exc)
