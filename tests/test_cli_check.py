@@ -31,6 +31,11 @@ HEADER_KEYS = {
     "bytes_read", "magic_ok", "page_size", "write_version", "read_version", "reserved_bytes",
     "change_counter", "page_count", "schema_format", "text_encoding", "sqlite_version",
 }
+SIDECAR_KEYS = {
+    "wal": {"exists", "size", "error", "valid_header", "page_size", "frames"},
+    "shm": {"exists", "size", "error"},
+    "journal": {"exists", "size", "error", "hot", "header_magic"},
+}
 INTEGRITY_KEYS = {"check", "ran", "ok", "messages", "error", "how"}
 DROP_DAC = ["setpriv", "--inh-caps=-dac_override,-dac_read_search",
             "--bounding-set=-dac_override,-dac_read_search"]
@@ -61,6 +66,9 @@ def check_json(*args: str, **kw) -> tuple:
     assert data["exit_code"] == proc.returncode
     for f in data["files"]:
         assert set(f) == FILE_KEYS, set(f) ^ FILE_KEYS
+        if f["sidecars"] is not None:
+            assert {k: set(v) for k, v in f["sidecars"].items()} == SIDECAR_KEYS
+            assert set(f["locks"]) == {"error", "reserved", "pending", "shared", "shm"}
     return proc, data
 
 

@@ -150,7 +150,7 @@ def parse_header_fields(data: bytes) -> Tuple[Dict[str, Any], List[str]]:
 
 def _sidecar(path: str, head: int) -> Dict[str, Any]:
     """exists/size and the first ``head`` bytes of a sidecar (never created, never waited on)."""
-    out: Dict[str, Any] = {"exists": False, "size": None}
+    out: Dict[str, Any] = {"exists": False, "size": None, "error": None}
     try:
         st = os.stat(path)
     except FileNotFoundError:
@@ -182,17 +182,14 @@ def _wal_info(path: str, page_size: Optional[int]) -> Dict[str, Any]:
     info = _sidecar(path, WAL_HEADER_SIZE)
     head = info.pop("_head", None)
     info.pop("_fd_lock", None)
-    if not info.get("exists"):
-        return info
     info.update(valid_header=None, page_size=None, frames=None)
-    if head is not None and len(head) >= WAL_HEADER_SIZE:
-        magic = int.from_bytes(head[0:4], "big")
-        wal_page = int.from_bytes(head[8:12], "big")
-        info["valid_header"] = magic in WAL_MAGICS
+    if not info["exists"] or head is None:
+        return info
+    if len(head) >= WAL_HEADER_SIZE:
+        info["valid_header"] = int.from_bytes(head[0:4], "big") in WAL_MAGICS
         if info["valid_header"]:
-            info["page_size"] = wal_page
-    elif head is not None:
-        info["valid_header"] = False  # empty or shorter than a WAL header: no frames
+            info["page_size"] = int.from_bytes(head[8:12], "big")
+    # else: empty (or shorter than a WAL header): no header written yet, no frames
     size = info["size"] or 0
     ps = info["page_size"] or page_size
     info["frames"] = max(0, (size - WAL_HEADER_SIZE) // (WAL_FRAME_HEADER_SIZE + ps)) \
@@ -249,6 +246,7 @@ def inspect_raw(path: str) -> Dict[str, Any]:
     journal = _sidecar(path + "-journal", 8)
     head = journal.pop("_head", None)
     journal.pop("_fd_lock", None)
+    journal.update(hot=None, header_magic=None)
     if journal.get("exists"):
         journal["header_magic"] = head == JOURNAL_MAGIC if head is not None else None
         # SQLite's own rule (pager.c hasHotJournal): the journal exists, is not empty, its
