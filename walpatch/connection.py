@@ -87,10 +87,12 @@ def _make_cursor_class(base: Any, kit: guard.Kit) -> type:
         plan = scan(sql)
         if plan is None or args:
             return base_executescript(self, sql, *args)
+        # The script's pragmas run one by one on a cursor of our own: the caller's cursor
+        # must end as executescript leaves it (no rows), not holding a pragma's answer.
         return guard.run_script(
             kit, self.connection, plan, sql,
             lambda text: base_executescript(self, text),
-            lambda text: base_execute(self, text))
+            lambda text: kit.raw_cursor(self.connection).execute(text))
 
     namespace = {
         "__slots__": (),
