@@ -27,11 +27,11 @@ DROP_DAC = ["setpriv", "--inh-caps=-dac_override,-dac_read_search",
 TOP_KEYS = {
     "walpatch_probe", "exit_code", "directory", "realpath", "sqlite_version", "filesystem",
     "scratch", "steps", "verdict", "reason", "category", "header_after_wal",
-    "files_after_close", "cleaned_up",
+    "files_after_close", "cleaned_up", "notes",
 }
 FS_KEYS = {"mountinfo", "error", "fs_type", "mount_point", "source", "mount_options",
-           "super_options", "network", "notes"}
-STEP_KEYS = {"step", "what", "ok", "seconds"}
+           "super_options", "network", "device", "notes"}
+STEP_KEYS = {"step", "what", "ok", "seconds", "error", "errorname", "errorcode", "category"}
 
 
 def env() -> Dict[str, str]:
@@ -49,8 +49,8 @@ def probe_json(*args: str, **kw) -> tuple:
     proc = probe("--json", *args, **kw)
     assert "Traceback" not in proc.stderr, proc.stderr
     data = json.loads(proc.stdout)
-    assert set(data) >= TOP_KEYS, TOP_KEYS - set(data)
-    assert set(data["filesystem"]) >= FS_KEYS
+    assert set(data) == TOP_KEYS, set(data) ^ TOP_KEYS
+    assert set(data["filesystem"]) == FS_KEYS
     for step in data["steps"]:
         assert set(step) >= STEP_KEYS
     assert data["exit_code"] == proc.returncode

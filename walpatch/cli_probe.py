@@ -126,7 +126,8 @@ def find_mount(mounts: List[Dict[str, Any]], path: str, st_dev: int) -> Optional
 def filesystem_info(path: str, mountinfo: str) -> Dict[str, Any]:
     info: Dict[str, Any] = {"mountinfo": mountinfo, "error": None, "fs_type": None,
                             "mount_point": None, "source": None, "mount_options": [],
-                            "super_options": [], "network": None, "notes": []}
+                            "super_options": [], "network": None, "device": None,
+                            "notes": []}
     try:
         with open(mountinfo, "r", errors="replace") as f:  # not a database file
             text = f.read()
@@ -204,7 +205,9 @@ class _Recorder:
 
     def run(self, name: str, what: str, fn: Any) -> Any:
         started = time.monotonic()
-        step: Dict[str, Any] = {"step": name, "what": what, "ok": False}
+        step: Dict[str, Any] = {"step": name, "what": what, "ok": False, "seconds": None,
+                                "error": None, "errorname": None, "errorcode": None,
+                                "category": None}
         self.steps.append(step)
         try:
             value = fn()
@@ -225,7 +228,7 @@ def _probe_database(db: str, python: Optional[str]) -> Dict[str, Any]:
     connect = _raw_connect()
     rec = _Recorder()
     out: Dict[str, Any] = {"steps": rec.steps, "verdict": None, "reason": None,
-                           "category": None, "header_after_wal": None}
+                           "category": None, "header_after_wal": None, "notes": []}
     conns: List[Any] = []
 
     def fail(reason: str, verdict: str, category: Optional[str] = None) -> Dict[str, Any]:
@@ -287,7 +290,8 @@ def _probe_database(db: str, python: Optional[str]) -> Dict[str, Any]:
                 return fail(f"the second process saw mode {child.get('mode')!r} and "
                             f"{child.get('rows_seen')} row(s) (expected 'wal' and 2)", FAILED)
         else:
-            out["notes"] = ["no Python executable to start a second process with"]
+            out["notes"].append("no Python executable to start a second process with: the "
+                                "cross-process step was skipped")
         expect = 3 if python else 2
         seen = rec.run("read-back", "the first connection sees every write",
                        lambda: a.execute("SELECT count(*) FROM probe").fetchone()[0])
