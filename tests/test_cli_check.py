@@ -17,8 +17,6 @@ import sys
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-import pytest
-
 ROOT = Path(__file__).resolve().parent.parent
 
 TOP_KEYS = {"walpatch_check", "exit_code", "files"}

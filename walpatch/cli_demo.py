@@ -278,13 +278,17 @@ def _after_text(run: Dict[str, Any]) -> str:
     return text
 
 
+def _wrap(text: str, width: int) -> List[str]:
+    return textwrap.wrap(text, width, break_on_hyphens=False)
+
+
 def _table(rows: List[Tuple[str, List[str], List[str]]], width: int) -> List[str]:
     label_w = 16
     col = max(28, (width - label_w - 3) // 2)
     lines = []
     for label, left, right in rows:
-        lcol = [w for item in left for w in (textwrap.wrap(item, col, break_on_hyphens=False) or [""])]
-        rcol = [w for item in right for w in (textwrap.wrap(item, col, break_on_hyphens=False) or [""])]
+        lcol = [w for item in left for w in (_wrap(item, col) or [""])]
+        rcol = [w for item in right for w in (_wrap(item, col) or [""])]
         for i in range(max(len(lcol), len(rcol), 1)):
             lab = label if i == 0 else ""
             lv = lcol[i] if i < len(lcol) else ""

@@ -223,8 +223,6 @@ class _Recorder:
 
 
 def _probe_database(db: str, python: Optional[str]) -> Dict[str, Any]:
-    import sqlite3
-
     connect = _raw_connect()
     rec = _Recorder()
     out: Dict[str, Any] = {"steps": rec.steps, "verdict": None, "reason": None,
