@@ -116,3 +116,9 @@ def classify(
 
 def is_retryable(category: str) -> bool:
     return category in RETRYABLE
+
+
+def is_shared_memory_error(exc: BaseException) -> bool:
+    """IOERR_SHMOPEN/SHMSIZE/SHMLOCK/SHMMAP: usually a filesystem without shared mmap, but a
+    transient EIO while growing the -shm file gives SHMSIZE too (worth one more attempt)."""
+    return error_code(exc)[0] in _UNSUPPORTED_EXTENDED

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from typing import List, Optional
 
@@ -54,3 +55,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         return int(args._run(args) or 0)
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `walpatch check --json | head`: the reader left, not an error
+        try:
+            sys.stdout = open(os.devnull, "w")  # keep interpreter exit from failing to flush
+        except OSError:
+            pass
+        return EXIT_OK
