@@ -264,8 +264,10 @@ def _make_connection_class(base: Any, module: ModuleType, kit: guard.Kit) -> typ
         # No consistent MRO with the cursor guard behind the caller's class (an unusual
         # hierarchy): guard on top only; its cursors are then guarded by guard_cursor_object.
         if "cursor" not in namespace:
+            guard_cursor = cursor_guard.__dict__["cursor"]
+
             def top_cursor(self: Any, *args: Any, **kwargs: Any) -> Any:
-                return cursor_guard.cursor(self, *args, **kwargs)
+                return guard_cursor(self, *args, **kwargs)
 
             namespace["cursor"] = _like(top_cursor, base.cursor)
         return type(base.__name__, (base,), namespace)
