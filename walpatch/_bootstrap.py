@@ -46,9 +46,15 @@ PTH_NAME = "walpatch.pth"
 # What the .pth line runs (in a fresh namespace) when WALPATCH asks for walpatch: find the
 # walpatch package *without importing it*, load this file as ``walpatch._bootstrap`` and call
 # activate("pth"). Only modules every interpreter has loaded at this point are used.
+# Some interpreters process the .pth files of a venv's site-packages twice (CPython 3.11's
+# site.venv() and site.main() both call addsitepackages): the sys attribute makes the second
+# run a no-op, so an error is reported once.
 _PTH_CODE = """\
 import os, sys
 try:
+    if getattr(sys, '_walpatch_pth_ran', False):
+        raise SystemExit
+    sys._walpatch_pth_ran = True
     m = sys.modules.get('walpatch._bootstrap')
     if m is None:
         import _frozen_importlib as b, _frozen_importlib_external as e
@@ -68,6 +74,8 @@ try:
             del sys.modules[s.name]
             raise
     m.activate('pth')
+except SystemExit:
+    pass
 except Exception as x:
     try:
         sys.stderr.write('walpatch: WALPATCH is set but walpatch could not be activated by '
