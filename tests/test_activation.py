@@ -95,13 +95,13 @@ def wheelhouse(base: Path) -> Path:
 
 
 def build_venv(base: Path, name: str, pip_args: Sequence[str] = (),
-               base_python: Optional[str] = None) -> Path:
+               base_python: Optional[str] = None, use_index: bool = False) -> Path:
     """venv ``base/name`` with ``pip install pip_args`` (once per session); its python.
 
     Venvs of this interpreter are made without pip and filled by this interpreter's pip
-    (``--python``) from the local wheelhouse only; venvs of another interpreter get their own
-    pip and may fetch what they need (wrapt for that version) from PyPI. Failures raise:
-    nothing is skipped.
+    (``--python``) from the local wheelhouse only (``use_index``: PyPI too); venvs of another
+    interpreter get their own pip and may fetch what they need (wrapt for that version) from
+    PyPI. Failures raise: nothing is skipped.
     """
     home = base / name
     python = venv_python(home)
@@ -113,8 +113,9 @@ def build_venv(base: Path, name: str, pip_args: Sequence[str] = (),
     if base_python is None:
         _check([sys.executable, "-m", "venv", "--without-pip", str(home)])
         if pip_args:
+            index = [] if use_index else ["--no-index"]
             _check([sys.executable, "-m", "pip", "--python", str(python), "install", *quiet,
-                    "--no-index", "--find-links", str(wh), *pip_args])
+                    *index, "--find-links", str(wh), *pip_args])
     else:
         _check([base_python, "-m", "venv", str(home)])
         if pip_args:
