@@ -239,6 +239,22 @@ def test_fallback_when_the_cursor_guard_cannot_sit_behind(wp, tmp_path):
     assert header(db) == (2, 2)
 
 
+@pytest.mark.xfail(sys.version_info >= (3, 11), strict=True, reason=(
+    "documented limit on 3.11+: Connection.execute creates its cursor in C as a plain "
+    "sqlite3.Cursor, so reusing that cursor for a journal-mode request is not guarded "
+    "(guarding it would add a cursor-creation call to every conn.execute)"))
+def test_cursor_returned_by_conn_execute_is_guarded_when_reused(wp, tmp_path):
+    db = tmp_path / "reuse.db"
+    make_db(db, "wal")
+    conn = sqlite3.connect(str(db))
+    cur = conn.execute("SELECT count(*) FROM t")
+    try:
+        with pytest.raises(WalDowngradeRefused):
+            cur.execute("PRAGMA journal_mode=DELETE")
+    finally:
+        conn.close()
+
+
 # --- C-level type checks and context managers ----------------------------------------------
 
 def test_backup_both_directions_between_guarded_and_plain(wp, tmp_path):

@@ -11,11 +11,13 @@ call of the original C method. Everything else happens only for journal-mode req
 CPython 3.11+ creates the cursor of ``Connection.execute*`` in C, without calling an
 overridden ``cursor()``, so the connection's three ``execute*`` methods are guarded there;
 3.8-3.10 route them through ``self.cursor()``, so only the cursor guards them (never twice).
+Which of the two a DB-API module does is *measured* once per module (``_routes_through_cursor``)
+rather than read from the Python version: the drop-ins (pysqlite3, sqlean) carry their own,
+older copy of the C code, which calls ``self.cursor()`` on every Python version.
 """
 from __future__ import annotations
 
 import logging
-import sys
 import threading
 from types import ModuleType
 from typing import Any, Dict, Tuple
@@ -24,7 +26,39 @@ from . import events, guard
 from .errors import refusal_class_for
 from .sqlscan import scan
 
-_CONNECTION_EXECUTES_IN_C = sys.version_info >= (3, 11)
+_routes_cache: Dict[int, Dict[str, bool]] = {}
+
+
+def _routes_through_cursor(module: ModuleType) -> Dict[str, bool]:
+    """For each of execute/executemany/executescript: does ``module.Connection``'s method
+    create its cursor through ``self.cursor()``? Measured on a ``:memory:`` connection made
+    directly from the class (no file, not through the hooked ``connect``)."""
+    routes = _routes_cache.get(id(module))
+    if routes is not None:
+        return routes
+    seen = []
+    connection_cls = module.Connection
+
+    def cursor(self: Any, *args: Any, **kwargs: Any) -> Any:
+        seen.append(True)
+        return connection_cls.cursor(self, *args, **kwargs)
+
+    probe_cls = type("WalpatchRouteProbe", (connection_cls,), {"cursor": cursor})
+    routes = {}
+    conn = probe_cls(":memory:")
+    try:
+        for name, args in (("execute", ("SELECT 1",)), ("executemany", ("SELECT 1", [])),
+                           ("executescript", ("SELECT 1;",))):
+            del seen[:]
+            try:
+                getattr(conn, name)(*args)
+            except Exception:  # noqa: BLE001 - only whether cursor() was called matters
+                pass
+            routes[name] = bool(seen)
+    finally:
+        conn.close()
+    _routes_cache[id(module)] = routes
+    return routes
 
 _lock = threading.RLock()  # guarded_cursor_class may run inside guarded_connection_class
 _connection_classes: Dict[Tuple[int, type], type] = {}
@@ -227,7 +261,8 @@ def _make_connection_class(base: Any, module: ModuleType, kit: guard.Kit) -> typ
 
         namespace["cursor"] = _like(cursor, base_cursor)
 
-    if _CONNECTION_EXECUTES_IN_C:
+    routes = _routes_through_cursor(module)
+    if not (routes["execute"] and routes["executemany"] and routes["executescript"]):
         def execute(self: Any, sql: Any, /, *args: Any) -> Any:
             plan = scan(sql)
             if plan is None:
@@ -252,10 +287,12 @@ def _make_connection_class(base: Any, module: ModuleType, kit: guard.Kit) -> typ
                 kit, self, plan, sql, lambda text: base_executescript(self, text),
                 lambda text: base_execute(self, text))
 
-        namespace.update(
-            execute=_like(execute, base_execute),
-            executemany=_like(executemany, base_executemany),
-            executescript=_like(executescript, base_executescript))
+        # Only where the C method does not already reach the guarded cursor (never twice).
+        for name, function, original in (("execute", execute, base_execute),
+                                         ("executemany", executemany, base_executemany),
+                                         ("executescript", executescript, base_executescript)):
+            if not routes[name]:
+                namespace[name] = _like(function, original)
 
     bases = (cursor_guard,) if base is module.Connection else (base, cursor_guard)
     try:
