@@ -395,6 +395,32 @@ def test_legacy_downgrade_refused_via_env(kind_python: Dict[str, Any], workdir: 
     assert header(db) == (2, 2)
 
 
+@pytest.mark.fault
+def test_transient_fault_no_downgrade_via_env(libfiu: Any, kind_python: Dict[str, Any],
+                                              workdir: Path) -> None:
+    """The real scenario, switched on by the environment only: tests/legacy_app.py (which
+    never imports walpatch) asks for WAL on a fresh file while one pwrite fails with EIO
+    (libfiu); unprotected it falls back to DELETE, with WALPATCH=1 the guard retries."""
+    py = kind_python["python"]
+    cmd = [libfiu.fiu_run_command(), "-x", "-f", "", py, ROOT / "tests" / "legacy_app.py"]
+    fault = ["--fault", "pwrite", "--times", "1"]
+    control, db = workdir / "control.db", workdir / "app.db"
+    proc = run(cmd + [control] + fault, workdir, clean_env())
+    out = last_json(proc)
+    assert out["fault"]["fired"] == 1 and out["fallback_ran"] is True
+    assert out["caught"]["message"] == "disk I/O error"
+    assert header(control) == (1, 1)
+
+    proc = run(cmd + [db] + fault, workdir, clean_env(WALPATCH="1"))
+    assert proc.returncode == 0, proc.stderr
+    out = last_json(proc)
+    assert out["fault"]["fired"] == 1
+    assert out["caught"] is None and out["fallback_ran"] is False
+    assert out["wal_returned"] == "wal" and out["final_mode"] == "wal" and out["rows"] == 3
+    assert header(db) == (2, 2)
+    assert "succeeded after 2 attempts" in proc.stderr
+
+
 def test_observe_mode_logs_and_changes_nothing(kind_python: Dict[str, Any], workdir: Path,
                                                scripts: Dict[str, Path]) -> None:
     py = kind_python["python"]
@@ -653,6 +679,38 @@ def test_user_sitecustomize_error_reported_as_without_walpatch(
     assert "Error in sitecustomize" in plain.stderr and "user boom" in plain.stderr
     assert "user boom" in wrapped.stderr
     assert wrapped.returncode == plain.returncode == 0
+
+
+# ------------------------------------------------------------------------------------------
+# sitecustomize_example.py
+# ------------------------------------------------------------------------------------------
+
+
+def test_sitecustomize_example(kind_python: Dict[str, Any], bare_python: Path,
+                               workdir: Path, scripts: Dict[str, Path]) -> None:
+    site_dir = workdir / "site"
+    site_dir.mkdir()
+    shutil.copy2(ROOT / "sitecustomize_example.py", site_dir / "sitecustomize.py")
+    py = kind_python["python"]
+    db = wal_db(py, workdir, scripts)
+    # WALPATCH unset: on (enforce), through the sitecustomize, not through the .pth.
+    env = clean_env(PYTHONPATH=str(site_dir))
+    proc = run([py, scripts["legacy.py"], db], workdir, env)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.startswith("walpatch: refused journal_mode=delete on ")
+    assert last_json(proc)["refused"]["type"] == "WalDowngradeRefused"
+    assert header(db) == (2, 2)
+    out = last_json(run([py, scripts["probe.py"]], workdir, env))
+    assert "wrapt" not in out["before"] and "sqlite3" not in out["before"]
+    assert out["installed"] is True and out["activation"]["activated_by"] == []
+    # WALPATCH=0 switches it off.
+    proc = run([py, scripts["legacy.py"], db], workdir, dict(env, WALPATCH="0"))
+    assert last_json(proc)["returned"] == "delete" and header(db) == (1, 1)
+    # An interpreter without walpatch: one line, and the application runs.
+    proc = run([bare_python, "-c", "print('app ran')"], workdir, env)
+    assert proc.returncode == 0 and proc.stdout == "app ran\n"
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("walpatch: not active"), proc.stderr
 
 
 # ------------------------------------------------------------------------------------------
