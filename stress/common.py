@@ -29,7 +29,6 @@ def child_env(extra: Optional[Mapping[str, str]] = None) -> Dict[str, str]:
     old = env.get("PYTHONPATH")
     env["PYTHONPATH"] = ROOT + (os.pathsep + old if old else "")
     env["PYTHONIOENCODING"] = "utf-8"
-    env["PYTHONDONTWRITEBYTECODE"] = "1"
     if extra:
         env.update(extra)
     return env

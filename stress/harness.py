@@ -62,6 +62,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="per transaction: the writer SIGKILLs itself before COMMIT")
     p.add_argument("--kill-every", type=float, default=3.0,
                    help="mean seconds between harness SIGKILLs of a random writer (0: none)")
+    p.add_argument("--gateway-txns", type=int, default=0,
+                   help="stop the gateway after N transactions (0: run for --duration); with "
+                        "--processes 1 and no kills a seeded run is then exactly reproducible")
     p.add_argument("--vfs", default=None,
                    help="SQLite VFS for the writers (no-wal scenario: default unix-dotfile)")
     p.add_argument("--threads", type=int, default=8, help="locks: threads (default 8)")
@@ -90,6 +93,8 @@ def fault_command(args: argparse.Namespace, scenario: str, walpatch: bool,
              "--fault-rate", f"{args.fault_rate:g}", "--points", args.points,
              "--seed", str(args.seed), "--kill-rate", f"{kill_rate:g}",
              "--kill-every", f"{kill_every:g}"]
+    if args.gateway_txns:
+        parts += ["--gateway-txns", str(args.gateway_txns)]
     if vfs and not (scenario == "no-wal" and vfs == "unix-dotfile"):
         parts += ["--vfs", vfs]
     parts.append("--walpatch" if walpatch else "--no-walpatch")
@@ -115,7 +120,8 @@ def run_faults(args: argparse.Namespace, scenario: str) -> List[Dict[str, Any]]:
         row = run_fault_scenario(FaultRun(
             processes=args.processes, duration=args.duration, rate=args.fault_rate,
             points=points, seed=args.seed, walpatch=walpatch, kill_rate=kill_rate,
-            kill_every=kill_every, vfs=vfs, workdir=args.workdir, keep=args.keep,
+            kill_every=kill_every, vfs=vfs, gateway_txns=args.gateway_txns,
+            workdir=args.workdir, keep=args.keep,
             command=cmd))
         row["kind"] = "faults"
         rows.append(row)

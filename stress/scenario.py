@@ -38,6 +38,7 @@ class FaultRun:
     rows_max: int = 4
     payload: int = 600
     cli_txns: int = 2
+    gateway_txns: int = 0       # stop the gateway after this many transactions (0: duration)
     gateway_pause: float = 0.01
     recycle: int = 25
     busy_timeout: float = 5.0
@@ -92,7 +93,8 @@ class Runner:
             role=role, name=name, db=self.db, vfs=o.vfs, ledger=self.ledger, stats=self.stats,
             stop=self.stop, seed_key=f"{o.seed}/{name}", rate=o.rate, points=list(o.points),
             walpatch=o.walpatch, kill_rate=o.kill_rate, rows_max=o.rows_max,
-            payload=o.payload, txns=o.cli_txns, pause=o.gateway_pause, recycle=o.recycle,
+            payload=o.payload, txns=o.cli_txns, max_txns=o.gateway_txns, pause=o.gateway_pause,
+            recycle=o.recycle,
             busy_timeout=o.busy_timeout, restart_pause=0.05, deadline=self.deadline)
         cmd = self._prefix() + [python(), "-m", "stress.writer", json.dumps(cfg)]
         popen = subprocess.Popen(cmd, env=self.env, cwd=ROOT, stdin=subprocess.DEVNULL,
@@ -142,9 +144,12 @@ class Runner:
         next_kill = started + (self.kill_rng.expovariate(1.0 / o.kill_every)
                                if o.kill_every > 0 else float("inf"))
         while time.monotonic() < end:
-            if self._reap(gateway) and end - time.monotonic() > 0.5:
-                gateways += 1
-                gateway = self.spawn("gateway", f"g{gateways}")
+            if self._reap(gateway):
+                if gateway.popen.returncode == 0 and not slots:
+                    break  # a lone gateway that finished its transactions: the run is over
+                if gateway.popen.returncode != 0 and end - time.monotonic() > 0.5:
+                    gateways += 1  # killed or crashed: the supervisor restarts it
+                    gateway = self.spawn("gateway", f"g{gateways}")
             for i, proc in enumerate(slots):
                 if self._reap(proc):
                     slots[i] = self.spawn("cli", f"c{i}.{launched[i]}")

@@ -9,7 +9,7 @@ process calls ``walpatch.install()`` first, as a user's sitecustomize would.
 
 * gateway: connect, write a transaction every ``pause`` seconds; on any error roll back, close
   and reconnect (a supervisor restart); recycle the connection every ``recycle`` transactions;
-  stop at ``deadline`` or when the stop file exists.
+  stop at ``deadline``, when the stop file exists, or after ``max_txns`` transactions.
 * cli: connect, ``txns`` transactions, close, exit (0 ok, 1 an SQLite error, 3 refused).
 
 Faults: seeded random EIO on ``points`` with probability ``rate`` per call, enabled for the
@@ -172,6 +172,9 @@ class Writer:
     # --- roles ------------------------------------------------------------------------------
 
     def _stopped(self) -> bool:
+        if self.cfg.get("max_txns") and self.c["txns_ok"] + self.c["txns_failed"] >= \
+                self.cfg["max_txns"]:
+            return True
         return time.time() >= self.cfg["deadline"] or os.path.exists(self.cfg["stop"])
 
     def run_gateway(self) -> int:
