@@ -327,7 +327,7 @@ def test_only_journal_pragmas_flag() -> None:
         assert_agrees(sql)
 
 
-def test_request_statement_runs_alone_to_the_same_effect() -> None:
+def test_request_statement_runs_alone_to_the_same_effect(tmp_path) -> None:
     sql = ("-- header\nSELECT 1;  ;; PRAGMA main.journal_mode = 'w' /* c */ ;"
            "\n PRAGMA \"journal_mode\"(d) -- tail")
     plan = scan_uncached(sql)
@@ -341,6 +341,13 @@ def test_request_statement_runs_alone_to_the_same_effect() -> None:
         assert alone is not None and alone.only_journal_pragmas
         assert [(r.schema, r.mode) for r in alone.requests] == [(request.schema, request.mode)]
     assert_agrees(sql)
+    # execute() (what walpatch uses to run them one at a time) takes each text as it is
+    conn = _raw_connect(str(tmp_path / "alone.db"))
+    try:
+        for request in plan.requests:
+            assert conn.execute(request.statement).fetchone()[0] == request.mode
+    finally:
+        conn.close()
 
 
 def test_request_object() -> None:

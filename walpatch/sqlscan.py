@@ -21,10 +21,12 @@ This is a port of the parts of SQLite that decide it (checked against SQLite 3.4
 Names are compared with ASCII-only case folding, like ``sqlite3StrICmp``: the Kelvin sign does
 not fold to ``k`` and a Turkish dotted I does not fold to ``i``.
 
-What the scanner cannot see: semantic errors. A request naming a schema that is not attached,
-or coming after a statement that SQLite rejects for a reason other than syntax (no such table,
-a bad statement of a grammar this module does not check), is still reported. That errs on the
-side of guarding a statement that will not run, never of missing one that will.
+What the scanner cannot see: semantic errors, and the grammar of statements other than PRAGMA.
+A request naming a schema that is not attached, or coming after a statement that SQLite
+rejects for such a reason (``SELECT * FROM no_such_table``, ``SELECT 1 SELECT 2``), is still
+reported. That errs on the side of guarding a statement that will not run, never of missing
+one that will. The same holds for ``PRAGMA journal_mode=OFF`` on a connection in defensive
+mode, where SQLite treats OFF as a query.
 
 Python's part: ``executescript()`` on 3.8-3.10 stops silently at the first NUL character;
 3.11+ refuse a script holding one (and ``execute()`` refuses NUL everywhere). A lone surrogate
