@@ -439,3 +439,24 @@ def test_refused_error_pickles_and_names_the_file(tmp_path):
     for phrase in ("disk i/o error", "database is locked", "locking protocol"):
         assert phrase not in str(err).lower()
     assert str(ROOT)  # keeps the import used
+
+
+def test_mixed_script_failing_after_a_successful_wal_request_records_ok(guarded, tmp_path):
+    db = tmp_path / "mixed.db"
+    make_db(db, "delete")
+    conn = sqlite3.connect(str(db))
+    with pytest.raises(sqlite3.OperationalError, match="no such table"):
+        conn.executescript("PRAGMA journal_mode=wal; INSERT INTO no_such_table VALUES (1);")
+    assert walpatch.stats()["wal_ok"] == 1 and walpatch.stats()["wal_failed"] == 0
+    conn.close()
+    assert header(db) == (2, 2)
+
+
+def test_script_with_a_query_runs_whole_and_keeps_its_errors(guarded, tmp_path):
+    db = tmp_path / "q.db"
+    make_db(db, "delete")
+    conn = sqlite3.connect(str(db))
+    with pytest.raises(sqlite3.OperationalError, match="unknown database nosuch"):
+        conn.executescript("PRAGMA nosuch.journal_mode; PRAGMA journal_mode=wal;")
+    conn.close()
+    assert header(db) == (1, 1)

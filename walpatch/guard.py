@@ -207,8 +207,14 @@ def run_script(
     try:
         result = run_script_text(sql)
     except kit.error as exc:
+        # The error may come from another statement after the WAL request succeeded: record
+        # a failure only for files that are not in WAL now.
         for request, targets in wal_targets:
-            _record_wal_error(kit, request, targets, exc, config, attempts=1, note=False)
+            observations = _observe(kit, conn, targets, check_disk=True)
+            _record_wal_result(conn, [o for o in observations if o.is_wal], attempts=1)
+            failed = [o.target for o in observations if not o.is_wal]
+            if failed:
+                _record_wal_error(kit, request, failed, exc, config, attempts=1, note=False)
         raise
     for request, targets in wal_targets:
         _verify_wal(kit, conn, request, targets, config, attempts=1)

@@ -130,8 +130,8 @@ class Plan(NamedTuple):
     """What a piece of SQL asks of the journal mode."""
 
     requests: Tuple[Request, ...]
-    #: every statement in the text is a journal-mode pragma (a request or a query) and SQLite
-    #: accepts them all
+    #: every statement in the text is a journal-mode *request* (no query, no other statement)
+    #: and SQLite accepts them all: the script can be run one request at a time, losing nothing
     only_journal_pragmas: bool
 
 
@@ -356,6 +356,8 @@ def scan_uncached(sql: str) -> Optional[Plan]:
         mode = mode_for_value(value) if value is not None else None
         if mode is not None:
             requests.append(Request(schema, mode, text))
+        else:
+            only_pragmas = False  # a query: it has effects (errors) of its own
     if not requests:
         return None
     return Plan(tuple(requests), only_pragmas)
