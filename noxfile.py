@@ -1,0 +1,135 @@
+"""The compatibility matrix: the whole test suite on every CPython 3.8-3.13 that pyenv has,
+against wrapt 1.17 and against the newest wrapt 2.x that the interpreter supports.
+
+    python -m pip install nox
+    nox                                   # the whole matrix (docs/compatibility.md)
+    nox -l                                # list the cells
+    nox -s "tests-3.8(wrapt='1.17')"      # one cell
+    nox -s tests-3.12 -- -k frameworks    # pytest arguments after --
+
+Interpreters: ``pyenv versions --bare`` (or the folders of $PYENV_ROOT/versions), newest patch
+release of each minor version 3.8-3.13; their ``bin`` folders are put first on PATH so that
+nox finds the real interpreters, not pyenv's shims. Nothing is downloaded: an interpreter
+that is missing is reported by nox (an error when the CI variable is set).
+
+wrapt: ``1.17`` = wrapt==1.17.*; ``2`` = the newest 2.x (2.2.0 excluded: descriptor
+regression; 2.1+ dropped Python 3.8, so 3.8 gets 2.0.x). Each cell prints the wrapt it got
+and fails if that is not the series it asked for.
+
+Each cell also installs the framework packages of tests/test_frameworks.py and
+tests/test_stacking.py (FRAMEWORKS, OTEL below) and sets WALPATCH_REQUIRE_FRAMEWORKS=1 and
+WALPATCH_REQUIRE_FAULTS=1, so that none of those tests may skip. A test file that cannot run
+in a cell (NOT_COVERED: OpenTelemetry on 3.8 with wrapt 2) is deselected with a warning.
+
+Cross-interpreter tests (tests/test_cpython_suite.py runs CPython's own sqlite3 suite on every
+interpreter; tests/test_faults.py runs some scenarios on 3.8 and 3.13 too) must run once per
+interpreter, not once per cell for every interpreter: each cell sets WALPATCH_MATRIX=1 and
+deselects the test ids parametrized with another interpreter's version ("[3.9]", ...).
+"""
+from __future__ import annotations
+
+import glob
+import os
+import re
+import subprocess
+from typing import Dict, List
+
+import nox
+
+MINORS = range(8, 14)  # CPython 3.8 .. 3.13
+WRAPT = {
+    "1.17": "wrapt==1.17.*",
+    "2": "wrapt>=2,!=2.2.0",  # pip picks the newest 2.x the interpreter supports
+}
+FRAMEWORKS = [
+    "sqlalchemy",
+    "django",
+    "peewee",
+    "aiosqlite",
+    "sqlite-utils",
+    "coverage",
+]
+OTEL = ["opentelemetry-instrumentation-sqlite3", "opentelemetry-sdk"]
+#: (python, wrapt) -> why a test file cannot run in that cell (it is deselected, and said so)
+NOT_COVERED = {
+    ("3.8", "2"): ("tests/test_stacking.py",
+                   "opentelemetry-instrumentation 0.54b1, the last release for Python 3.8, "
+                   "requires wrapt<2: OpenTelemetry cannot be installed next to wrapt 2 on 3.8"),
+}
+
+nox.options.sessions = ["tests"]
+nox.options.reuse_existing_virtualenvs = False
+if hasattr(nox.options, "download_python"):
+    nox.options.download_python = "never"  # only registries are reachable here
+
+
+def _pyenv_root() -> str:
+    return os.environ.get("PYENV_ROOT") or os.path.expanduser("~/.pyenv")
+
+
+def _pyenv_versions() -> List[str]:
+    try:
+        out = subprocess.run(["pyenv", "versions", "--bare"], capture_output=True, text=True,
+                             timeout=30).stdout
+        names = out.split()
+    except (OSError, subprocess.SubprocessError):
+        names = []
+    if not names:
+        names = [os.path.basename(p) for p in glob.glob(os.path.join(_pyenv_root(), "versions",
+                                                                      "*"))]
+    return names
+
+
+def discover() -> Dict[str, str]:
+    """'3.8' -> the bin folder of the newest pyenv CPython 3.8.x (3.8-3.13 only)."""
+    newest: Dict[int, tuple] = {}
+    for name in _pyenv_versions():
+        match = re.fullmatch(r"3\.(\d+)\.(\d+)", name)
+        if not match or int(match.group(1)) not in MINORS:
+            continue
+        minor, patch = int(match.group(1)), int(match.group(2))
+        bin_dir = os.path.join(_pyenv_root(), "versions", name, "bin")
+        if not os.access(os.path.join(bin_dir, "python"), os.X_OK):
+            continue
+        if minor not in newest or patch > newest[minor][0]:
+            newest[minor] = (patch, bin_dir)
+    return {f"3.{minor}": newest[minor][1] for minor in sorted(newest)}
+
+
+INTERPRETERS = discover()
+PYTHONS = list(INTERPRETERS) or [f"3.{minor}" for minor in MINORS]
+# Real interpreters first on PATH (before pyenv's shims), so "3.8" resolves to python3.8.
+os.environ["PATH"] = os.pathsep.join(list(INTERPRETERS.values()) + [os.environ.get("PATH", "")])
+
+
+def other_versions_expression(current: str) -> str:
+    """A pytest -k expression deselecting tests parametrized with another version's id."""
+    others = [f"[3.{minor}]" for minor in MINORS if f"3.{minor}" != current]
+    return " and ".join(f"not {ident}" for ident in others)
+
+
+@nox.session(python=PYTHONS, venv_backend="venv")
+@nox.parametrize("wrapt", list(WRAPT))
+def tests(session: nox.Session, wrapt: str) -> None:
+    """The whole test suite on one interpreter with one wrapt series."""
+    gap = NOT_COVERED.get((str(session.python), wrapt))
+    session.install("-e", ".[test]", WRAPT[wrapt], *FRAMEWORKS, *([] if gap else OTEL))
+    got = session.run("python", "-c", "import wrapt; print(wrapt.__version__)", silent=True)
+    got = (got or "").strip().splitlines()[-1]
+    if not (got.startswith("1.17.") if wrapt == "1.17" else got.startswith("2.")):
+        session.error(f"asked for wrapt {WRAPT[wrapt]!r}, got {got}")
+    if got.startswith("2.2.0"):
+        session.error("wrapt 2.2.0 is excluded (descriptor regression)")
+    session.log(f"wrapt {got} on Python {session.python}")
+    env = {
+        "WALPATCH_MATRIX": "1",
+        "WALPATCH_REQUIRE_FAULTS": "1",
+        "WALPATCH_REQUIRE_FRAMEWORKS": "1",
+        "PYTHONDONTWRITEBYTECODE": "1",
+    }
+    args = list(session.posargs or ["-q", "-p", "no:cacheprovider"])
+    if gap:
+        session.warn(f"NOT COVERED in this cell: {gap[0]}: {gap[1]}")
+        args = ["--deselect", gap[0]] + args
+    session.run("python", "-m", "pytest", "-k", other_versions_expression(str(session.python)),
+                *args, env=env)
