@@ -468,7 +468,7 @@ def test_status_command(kind_python: Dict[str, Any], workdir: Path) -> None:
     env = clean_env(WALPATCH="observe", WALPATCH_RETRY_ATTEMPTS="9")
     proc = run([kind_python["python"], "-m", "walpatch", "status"], workdir, env)
     assert proc.returncode == 0, proc.stderr
-    assert "is armed by pth (WALPATCH='observe'), mode: observe" in proc.stdout
+    assert "is armed by walpatch.pth (WALPATCH='observe'), mode: observe" in proc.stdout
     assert "retry_attempts = 9  (WALPATCH_RETRY_ATTEMPTS)" in proc.stdout
 
     proc = run([walpatch_cmd, "status", "--json"], workdir,

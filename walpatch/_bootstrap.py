@@ -226,6 +226,15 @@ def activate(source: str = "api") -> bool:
         return False
 
 
+def start() -> None:
+    """PEP 829 entry point (``walpatch.start`` containing ``walpatch._bootstrap:start``, for
+    Python 3.15+): the same as the ``.pth`` line. Not shipped yet: resolving the entry point
+    imports the ``walpatch`` package at every start, which costs milliseconds until
+    ``walpatch/__init__.py`` loads its submodules lazily (docs/activation.md)."""
+    if requested():
+        activate("start")
+
+
 def find_pth_files() -> "List[str]":
     """Every ``walpatch.pth`` in this interpreter's site directories (for status)."""
     dirs: "List[str]" = []

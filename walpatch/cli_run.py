@@ -1,12 +1,9 @@
 """Run a command with walpatch active in it and in every Python subprocess it starts.
-
-    walpatch run [--observe | --enforce] [--] COMMAND [ARGS...]
-
-The command's environment gets ``WALPATCH`` (the mode) and, first on ``PYTHONPATH``,
-walpatch's bootstrap ``sitecustomize``, which arms walpatch in each Python interpreter that
-starts and then runs the user's own ``sitecustomize`` exactly once. The command then
-*replaces* this process (exec): same PID, so signals reach it directly, and its exit status is
-the exit status. A command that cannot be found exits 127, one that cannot be executed 126.
+The command gets WALPATCH (the mode) and walpatch's bootstrap sitecustomize first on
+PYTHONPATH, which arms walpatch in each Python interpreter that starts and then runs your own
+sitecustomize exactly once. The command replaces this process (exec): same PID, so signals
+reach it directly, and its exit status is the exit status. A command that is not found
+exits 127, one that cannot be executed 126.
 """
 from __future__ import annotations
 

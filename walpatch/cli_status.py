@@ -36,19 +36,26 @@ def collect() -> Dict[str, Any]:
     return info
 
 
+_SOURCE_NAMES = {"pth": "walpatch.pth", "walpatch run": "walpatch run's sitecustomize"}
+
+
+def _sources(act: Dict[str, Any]) -> str:
+    return ", ".join(_SOURCE_NAMES.get(s, s) for s in act["activated_by"])
+
+
 def _describe_activation(info: Dict[str, Any]) -> List[str]:
     act = info["activation"]
     env = act["env_value"]
     env_text = "WALPATCH is unset" if env is None else f"WALPATCH={env!r}"
     lines: List[str] = []
     if info["installed"]:
-        by = ", ".join(act["activated_by"]) or "walpatch.install()"
+        by = _sources(act) or "walpatch.install()"
         how = f"by {by}" + (f" ({env_text})" if act["activated_by"] else "")
         lines.append(f"walpatch {info['version']} is active, mode: {info['mode']} ({how})")
     elif act["armed"] and act["waiting_for_import"]:
         mode = info["environment_settings"]["mode"]
         lines.append(
-            f"walpatch {info['version']} is armed by {', '.join(act['activated_by'])} "
+            f"walpatch {info['version']} is armed by {_sources(act)} "
             f"({env_text}), mode: {mode}: it installs when the application first imports "
             "sqlite3, pysqlite3 or sqlean (none is imported in this interpreter yet)")
     else:
@@ -83,7 +90,8 @@ def run(args: argparse.Namespace) -> int:
     else:
         settings = info["environment_settings"]
         sources = info["environment_setting_sources"]
-        title = "settings the environment gives"
+        title = ("settings from the environment" if info["activation"]["armed"]
+                 else "settings it would use (from the environment)")
     print(f"{title}:")
     for key, value in sorted(settings.items()):
         print(f"  {key} = {value!r}  ({sources.get(key, 'default')})")
