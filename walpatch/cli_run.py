@@ -14,9 +14,10 @@ import sys
 from typing import Dict, List, Mapping, Optional
 
 from .cli import EXIT_NOT_FOUND, EXIT_USAGE
+from .config import ENABLE_WORDS, OBSERVE_WORDS
 
 EXIT_CANNOT_EXECUTE = 126
-_MODE_WORDS = ("1", "on", "true", "yes", "enforce", "observe")
+_MODE_WORDS = ENABLE_WORDS + OBSERVE_WORDS
 
 
 def bootstrap_dir() -> str:
