@@ -460,3 +460,30 @@ def test_script_with_a_query_runs_whole_and_keeps_its_errors(guarded, tmp_path):
         conn.executescript("PRAGMA nosuch.journal_mode; PRAGMA journal_mode=wal;")
     conn.close()
     assert header(db) == (1, 1)
+
+
+def test_usage_errors_pass_through_and_are_not_recorded(guarded, tmp_path):
+    db = tmp_path / "usage.db"
+    make_db(db, "delete")
+    conn = sqlite3.connect(str(db))
+    with pytest.raises(sqlite3.ProgrammingError) as info:
+        conn.execute("PRAGMA journal_mode=WAL", (1,))
+    assert not hasattr(info.value, "walpatch_attempts")
+    assert walpatch.stats()["wal_failed"] == 0
+    # nothing recorded: a rollback-to-rollback change still passes
+    assert conn.execute("PRAGMA journal_mode=TRUNCATE").fetchone() == ("truncate",)
+    conn.close()
+
+
+@pytest.mark.parametrize("text_factory", [bytes, bytearray, lambda b: b.decode().upper()])
+def test_callers_text_factory_cannot_blind_the_guard(guarded, tmp_path, text_factory):
+    db = tmp_path / "tf.db"
+    make_db(db, "wal")
+    conn = sqlite3.connect(str(db))
+    conn.text_factory = text_factory
+    with pytest.raises(WalDowngradeRefused) as info:
+        conn.execute("PRAGMA journal_mode=DELETE")
+    assert info.value.database == str(db)
+    assert conn.text_factory is text_factory
+    conn.close()
+    assert header(db) == (2, 2)

@@ -388,10 +388,6 @@ def test_text_factory_bytes_with_journal_mode_requests(wp, tmp_path):
     assert header(g_path) == (2, 2)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "guard.py bug (reported): the guard's own PRAGMA database_list is read through the "
-    "caller's text_factory; with bytearray (or any factory not returning str/bytes) the path "
-    "is mangled, the file is taken as absent and the downgrade of a WAL file passes"))
 def test_text_factory_bytearray_does_not_disable_the_guard(wp, tmp_path):
     db = tmp_path / "ba.db"
     make_db(db, "wal")

@@ -75,6 +75,7 @@ def kit_for(module: ModuleType) -> guard.Kit:
         kit = guard.Kit(
             error=module.Error,
             programming_error=module.ProgrammingError,
+            usage_errors=(module.ProgrammingError, module.InterfaceError),
             refused=refusal_class_for(module),
             raw_cursor=module.Connection.cursor,
         )

@@ -30,6 +30,9 @@ class Kit(NamedTuple):
 
     error: Type[Exception]  # the module's Error base class
     programming_error: Type[Exception]
+    #: errors about how sqlite3 was called (wrong parameters, closed cursor...): the request
+    #: never reached SQLite, so they are passed through untouched and recorded nowhere
+    usage_errors: Tuple[Type[Exception], ...]
     refused: Type[Exception]  # its WalDowngradeRefused class
     raw_cursor: Callable[[Any], Any]  # the module's own Connection.cursor (unguarded)
 
@@ -42,12 +45,32 @@ class Target(NamedTuple):
 # --- reading the connection's own facts (through an unguarded cursor, rows as tuples) ---
 
 def _text(value: Any) -> str:
-    if isinstance(value, bytes):
-        return os.fsdecode(value)
-    return str(value)
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return os.fsdecode(bytes(value))
+    return "" if value is None else str(value)
 
 
-def _query(kit: Kit, conn: Any, sql: str) -> List[Tuple[Any, ...]]:
+def _query(kit: Kit, conn: Any, sql: str) -> List[Tuple[str, ...]]:
+    """A pragma's rows as tuples of str, whatever the caller's row_factory and text_factory.
+
+    (The table-valued ``pragma_database_list`` would allow CAST AS BLOB, but it reads the
+    schema and so needs a lock that a plain PRAGMA does not: it would fail under contention.)
+    """
+    saved = conn.text_factory
+    if saved is str:
+        rows = _fetch(kit, conn, sql)
+    else:
+        # The caller's text_factory may make anything of text (bytes, upper-cased paths...):
+        # read with plain str for the moment of this query.
+        conn.text_factory = str
+        try:
+            rows = _fetch(kit, conn, sql)
+        finally:
+            conn.text_factory = saved
+    return [tuple(_text(v) for v in row) for row in rows]
+
+
+def _fetch(kit: Kit, conn: Any, sql: str) -> List[Tuple[Any, ...]]:
     cur = kit.raw_cursor(conn)
     cur.row_factory = None
     try:
@@ -56,17 +79,13 @@ def _query(kit: Kit, conn: Any, sql: str) -> List[Tuple[Any, ...]]:
         cur.close()
 
 
-def _quote(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
-
-
 def _targets(kit: Kit, conn: Any, schema: Optional[str], config: Config) -> List[Target]:
     """File-backed databases the request applies to (all attached ones when no schema)."""
     rows = _query(kit, conn, "PRAGMA database_list")
     wanted = ascii_lower(schema) if schema is not None else None
     out: List[Target] = []
     for row in rows:
-        name, path = _text(row[1]), _text(row[2]) if row[2] is not None else ""
+        name, path = row[1], row[2]
         if wanted is not None and ascii_lower(name) != wanted:
             continue
         if not path:  # :memory:, temp, or an anonymous database: nothing on disk to protect
@@ -102,7 +121,11 @@ def _current_mode(kit: Kit, conn: Any, schema: str) -> Optional[str]:
         rows = _query(kit, conn, f"PRAGMA {_quote(schema)}.journal_mode")
     except kit.error:
         return None
-    return ascii_lower(_text(rows[0][0])) if rows else None
+    return ascii_lower(rows[0][0]) if rows else None
+
+
+def _quote(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
 
 
 # --- connect-time facts used to explain a silent refusal ---
@@ -206,6 +229,8 @@ def run_script(
             _check_downgrade(kit, request, targets, config)
     try:
         result = run_script_text(sql)
+    except kit.usage_errors:
+        raise
     except kit.error as exc:
         # The error may come from another statement after the WAL request succeeded: record
         # a failure only for files that are not in WAL now.
@@ -436,6 +461,8 @@ def _guard_wal(
         # executemany: its parameters may be a one-shot iterator, so one attempt only.
         try:
             result = call()
+        except kit.usage_errors:
+            raise
         except kit.error as exc:
             _record_wal_error(kit, request, targets, exc, config, 1, note=True)
             raise
@@ -450,6 +477,8 @@ def _guard_wal(
             # Run the request to completion so that the journal-mode change commits (and any
             # error of that commit surfaces) here, inside the retry loop.
             call().fetchall()
+        except kit.usage_errors:
+            raise
         except kit.error as exc:
             category = _c.classify(exc, config.unsupported_markers, after_io_error=io_seen)
             io_seen = io_seen or category == _c.TRANSIENT_IO
