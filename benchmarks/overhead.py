@@ -81,8 +81,8 @@ DESCRIPTIONS: Dict[str, str] = {
     "tight_conn_execute": 'conn.execute("SELECT ?", (i,)) on :memory: (per call)',
     "tight_cursor_execute": 'cur.execute("SELECT ?", (i,)) on :memory:, cursor from '
                             "conn.cursor() (per call)",
-    "unique_sql": 'conn.execute(f"SELECT {i}") on :memory:, every SQL string unique '
-                  "(scan-cache miss path; per call)",
+    "unique_sql": 'conn.execute(f"SELECT {i} AS id, \'user{i}\' AS owner, ...") on :memory:, '
+                  "every SQL string unique, ~70 characters (scan-cache miss path; per call)",
     "realistic_wal": "file-backed WAL (synchronous=NORMAL), 10k-row indexed table; per "
                      "transaction: 10 inserts, 10 indexed selects + fetchall, 5 updates, "
                      "commit (per transaction)",
@@ -134,6 +134,7 @@ class Child:
         self.sqlite3: Any = None
         self.refused_cls: Any = None
         self.verified: List[str] = []
+        self.last_wall: List[int] = []
 
     # -- variant setup and verification --
 
@@ -153,9 +154,9 @@ class Child:
 
         self.sqlite3 = sqlite3
         if base == "walpatch":
-            # Only after `import sqlite3`: touching walpatch.WalDowngradeRefused between
-            # install() and the first `import sqlite3` breaks the post-import hook (circular
-            # import through walpatch.errors; reported in docs/benchmarks.md).
+            # Only after `import sqlite3`: before commit 4d35f0c, touching
+            # walpatch.WalDowngradeRefused between install() and the first `import sqlite3`
+            # broke the post-import hook (a circular import through walpatch.errors).
             import walpatch
 
             self.refused_cls = walpatch.WalDowngradeRefused
@@ -194,21 +195,32 @@ class Child:
 
     def measure(self, run: Callable[[], Any], setup: Optional[Callable[[], None]] = None,
                 warmup: int = 1) -> Tuple[List[int], Any]:
+        """Time ``run`` (after ``setup``, untimed); returns the CPU times, keeps the wall times
+        in ``self.last_wall``. CPU time (this process, user + system) is what instrumentation
+        adds; unlike wall time it does not count the time the process waited for a core,
+        which on a shared machine is most of the noise."""
         times: List[int] = []
+        wall: List[int] = []
         result = None
+        cpu_clock = time.process_time_ns
+        wall_clock = time.perf_counter_ns
         for k in range(warmup + self.repeat):
             if setup is not None:
                 setup()
             gc.collect()
             gc.disable()
             try:
-                t0 = time.perf_counter_ns()
+                w0 = wall_clock()
+                c0 = cpu_clock()
                 result = run()
-                t1 = time.perf_counter_ns()
+                c1 = cpu_clock()
+                w1 = wall_clock()
             finally:
                 gc.enable()
             if k >= warmup:
-                times.append(t1 - t0)
+                times.append(c1 - c0)
+                wall.append(w1 - w0)
+        self.last_wall = wall
         return times, result
 
     def wal_file(self, name: str, rows: int = 0) -> str:
@@ -262,7 +274,8 @@ class Child:
             counter[0] += n
             last = None
             for i in range(base, base + n):
-                last = conn.execute(f"SELECT {i}")
+                last = conn.execute(
+                    f"SELECT {i} AS id, 'user{i}' AS owner, {i} * 2 AS twice WHERE {i} >= 0")
             return last.fetchone()[0] - base
 
         times, result = self.measure(run)
@@ -459,8 +472,9 @@ def child_main(args: argparse.Namespace) -> int:
                                "verified": child.verified, "workloads": {}}
         for name in args.workloads.split(","):
             times, ops, result = getattr(child, "w_" + name)()
-            out["workloads"][name] = {"times_ns": times, "best_ns": min(times), "ops": ops,
-                                      "result": result}
+            out["workloads"][name] = {
+                "cpu_ns": times, "wall_ns": child.last_wall, "best_cpu_ns": min(times),
+                "best_wall_ns": min(child.last_wall), "ops": ops, "result": result}
         if args.variant.startswith("walpatch"):
             import walpatch
 
@@ -489,7 +503,8 @@ def memory_main(args: argparse.Namespace) -> int:
         sqlite3 = child.sqlite3
         q = 1 if args.quick else 0
         out: Dict[str, Any] = {"variant": args.variant, "verified": child.verified}
-        walpatch_mod = sys.modules.get("walpatch") if args.variant == "walpatch" else None
+        walpatch_mod = sys.modules.get("walpatch") if args.variant.startswith("walpatch") \
+            else None
 
         def classes() -> Optional[int]:
             if walpatch_mod is None:
@@ -573,22 +588,25 @@ def memory_main(args: argparse.Namespace) -> int:
 
 #: the directory the children import walpatch from (the work tree, or an exported --git-ref)
 _walpatch_root = REPO
+#: --compare NAME=DIR: extra walpatch variants imported from a scratch copy
+_variant_roots: Dict[str, str] = {}
 
 
-def child_env() -> Dict[str, str]:
+def child_env(variant: Optional[str] = None) -> Dict[str, str]:
     env = {k: v for k, v in os.environ.items()
            if not (k.startswith("WALPATCH") or k.startswith("OTEL_"))}
-    env["PYTHONPATH"] = _walpatch_root + (
-        os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    root = _variant_roots.get(variant or "", _walpatch_root)
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env.pop("PYTHONHASHSEED", None)
     return env
 
 
 def run_child(argv: List[str], timeout: float) -> Dict[str, Any]:
     cmd = [sys.executable, os.path.abspath(__file__)] + argv
+    variant = argv[argv.index("--variant") + 1]
     # cwd: the temporary directory, so that the work tree is not importable by accident
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          env=child_env(), timeout=timeout, universal_newlines=True,
+                          env=child_env(variant), timeout=timeout, universal_newlines=True,
                           cwd=tempfile.gettempdir())
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(MARK)]
     if proc.returncode != 0 or len(lines) != 1:
@@ -685,8 +703,10 @@ def source_info(ref: Optional[str], tmp: str) -> Dict[str, Any]:
 
 
 def summarize(workloads: List[str], variants: List[str],
-              rounds: List[Dict[str, Dict[str, Any]]]) -> Dict[str, Any]:
-    """rounds[r][variant][workload] -> child workload record."""
+              rounds: List[Dict[str, Dict[str, Any]]], clock: str = "cpu") -> Dict[str, Any]:
+    """rounds[r][variant][workload] -> child workload record; figures on ``clock``."""
+    key = f"best_{clock}_ns"
+    other = "best_wall_ns" if clock == "cpu" else "best_cpu_ns"
     out: Dict[str, Any] = {}
     for w in workloads:
         entry: Dict[str, Any] = {"description": DESCRIPTIONS[w], "budget": BUDGETS.get(w),
@@ -699,9 +719,10 @@ def summarize(workloads: List[str], variants: List[str],
                 entry["variants"][v] = {"not_run": NOT_RUN[(w, v)]}
                 continue
             recs = [r[v][w] for r in rounds]
-            per_op = [rec["best_ns"] / rec["ops"] for rec in recs]
-            ratios = [rec["best_ns"] / b["best_ns"] for rec, b in zip(recs, base)]
-            added = [(rec["best_ns"] - b["best_ns"]) / rec["ops"] for rec, b in zip(recs, base)]
+            per_op = [rec[key] / rec["ops"] for rec in recs]
+            ratios = [rec[key] / b[key] for rec, b in zip(recs, base)]
+            added = [(rec[key] - b[key]) / rec["ops"] for rec, b in zip(recs, base)]
+            other_ratios = [rec[other] / b[other] for rec, b in zip(recs, base)]
             entry["variants"][v] = {
                 "ns_per_op_median": statistics.median(per_op),
                 "ns_per_op_rounds": per_op,
@@ -710,6 +731,8 @@ def summarize(workloads: List[str], variants: List[str],
                 "ratio_rounds": ratios,
                 "added_ns_per_op_median": statistics.median(added),
                 "results": [rec["result"] for rec in recs],
+                ("wall" if clock == "cpu" else "cpu") + "_ratio_median":
+                    statistics.median(other_ratios),
             }
         budget = BUDGETS.get(w)
         wp = entry["variants"].get("walpatch")
@@ -762,10 +785,14 @@ def render_markdown(report: Dict[str, Any]) -> str:
         f"{report['repeat']} timed repetitions per child after 1 warm-up; "
         f"mode: {'quick' if report['quick'] else 'full'}.",
     ]
+    for v, root in (report.get("compared_copies") or {}).items():
+        lines.append(f"Variant `{v}`: walpatch imported from the scratch copy `{root}`.  ")
     if report["skipped_variants"]:
         for v, why in report["skipped_variants"].items():
             lines.append(f"Variant `{v}` skipped: {why}.")
-    lines += ["", "Ratios are medians over rounds of `variant / unpatched` "
+    clock = report.get("clock", "cpu")
+    lines += ["", f"Clock: {'process CPU time (user + system)' if clock == 'cpu' else 'wall'}"
+              f". Ratios are medians over rounds of `variant / unpatched` "
               "(range over rounds in brackets); time is the median per operation.", ""]
     head = ["workload", "unpatched"]
     for v in variants[1:]:
@@ -831,6 +858,12 @@ def parent_main(args: argparse.Namespace) -> int:
     control = args.control if args.control is not None else not args.quick
     if control and CONTROL not in wanted:
         wanted.append(CONTROL)
+    for spec in args.compare or []:
+        name, _, root = spec.partition("=")
+        if not name.startswith("walpatch-") or not os.path.isdir(os.path.join(root, "walpatch")):
+            raise SystemExit(f"--compare {spec!r}: want walpatch-NAME=DIR with DIR/walpatch/")
+        _variant_roots[name] = os.path.abspath(root)
+        wanted.append(name)
     variants, skipped = available_variants(wanted)
     if "unpatched" not in variants:
         variants.insert(0, "unpatched")
@@ -856,6 +889,7 @@ def parent_main(args: argparse.Namespace) -> int:
         report: Dict[str, Any] = {
             "command": "python benchmarks/overhead.py " + " ".join(args.argv_shown),
             "machine": machine_info(), "walpatch_source": source, "loadavg_at_start": load,
+            "compared_copies": dict(_variant_roots),
             "quick": args.quick, "rounds": rounds_n, "repeat": repeat, "grouped": grouped,
             "variants_run": variants, "skipped_variants": skipped, "budgets": BUDGETS,
         }
@@ -883,7 +917,8 @@ def parent_main(args: argparse.Namespace) -> int:
                 memory[v] = run_child(["--memory", "--variant", v] + base_argv, timeout)
         report["memory"] = memory
     report["verified"] = verified
-    report["workloads"] = summarize(workloads, variants, rounds)
+    report["clock"] = args.clock
+    report["workloads"] = summarize(workloads, variants, rounds, args.clock)
     report["parity_problems"] = check_parity(report["workloads"], variants)
     report["elapsed_s"] = round(time.time() - started, 1)
     md = render_markdown(report)
@@ -918,10 +953,16 @@ def main(argv: Optional[List[str]] = None) -> int:
                    help="one child per variant and round running every workload "
                         "(default with --quick; else one child per workload)")
     p.add_argument("--no-memory", action="store_true", help="skip the memory children")
+    p.add_argument("--clock", choices=("cpu", "wall"), default="cpu",
+                   help="figures from process CPU time (default: robust on a shared machine) "
+                        "or wall-clock time; the other one's ratio is kept in the JSON")
     p.add_argument("--json", help="write the full results as JSON here")
     p.add_argument("--markdown", help="write the results table as Markdown here")
     p.add_argument("--git-ref", help="measure walpatch as committed at this git ref (exported "
                    "with git archive) instead of the work tree")
+    p.add_argument("--compare", action="append", metavar="walpatch-NAME=DIR",
+                   help="add a walpatch variant imported from DIR (a scratch copy with a "
+                        "candidate change), interleaved with the others; repeatable")
     p.add_argument("--check-budgets", action="store_true",
                    help="exit 1 when a walpatch budget is missed")
     # child-side options
