@@ -78,7 +78,8 @@ def uninstall() -> None:
 
 
 def is_installed() -> bool:
-    return runtime.config is not None and hooks.is_active()
+    """True when walpatch is active and every module it tried to hook was hooked."""
+    return runtime.config is not None and hooks.is_active() and not hooks.errors()
 
 
 def stats() -> Dict[str, int]:
@@ -95,6 +96,7 @@ def status() -> Dict[str, Any]:
         "settings": describe(config) if config else None,
         "setting_sources": dict(config.sources) if config else {},
         "hooked_modules": hooks.hooked_modules(),
+        "hook_errors": hooks.errors(),
         "version": __version__,
     }
 

@@ -98,6 +98,24 @@ def _like(function: Any, original: Any) -> Any:
     return function
 
 
+# The slow paths live outside the overrides: a lambda inside an override would make Python
+# create closure cells for its variables on *every* call, fast path included.
+def _guarded(kit: guard.Kit, conn: Any, plan: Any, method: Any, target: Any, sql: str,
+             args: Tuple[Any, ...], can_retry: bool) -> Any:
+    return guard.run_statement(
+        kit, conn, plan.requests[0], lambda: method(target, sql, *args), can_retry=can_retry)
+
+
+def _guarded_script(kit: guard.Kit, conn: Any, plan: Any, script_method: Any, target: Any,
+                    sql: str, cursor_for_one: Any) -> Any:
+    """The script's requests run one by one on a cursor of their own (``cursor_for_one``):
+    the caller's cursor must end as executescript leaves it (no rows), not holding a
+    pragma's answer."""
+    return guard.run_script(
+        kit, conn, plan, sql, lambda text: script_method(target, text),
+        lambda text: cursor_for_one(conn).execute(text))
+
+
 def _make_cursor_class(base: Any, kit: guard.Kit) -> type:
     base_execute = base.execute
     base_executemany = base.executemany
@@ -120,9 +138,7 @@ def _make_cursor_class(base: Any, kit: guard.Kit) -> type:
                 return base_execute(self, sql, parameters, *extra)
             return base_execute(self, sql, parameters)
         args = () if parameters is _NO_ARG else (parameters, *extra)
-        return guard.run_statement(
-            kit, self.connection, plan.requests[0],
-            lambda: base_execute(self, sql, *args), can_retry=True)
+        return _guarded(kit, self.connection, plan, base_execute, self, sql, args, True)
 
     def executemany(self: Any, sql: Any, /, *args: Any) -> Any:
         try:
@@ -131,20 +147,14 @@ def _make_cursor_class(base: Any, kit: guard.Kit) -> type:
             plan = scan(sql)
         if plan is None:
             return base_executemany(self, sql, *args)
-        return guard.run_statement(
-            kit, self.connection, plan.requests[0],
-            lambda: base_executemany(self, sql, *args), can_retry=False)
+        return _guarded(kit, self.connection, plan, base_executemany, self, sql, args, False)
 
     def executescript(self: Any, sql: Any, /, *args: Any) -> Any:
         plan = scan(sql)
         if plan is None or args:
             return base_executescript(self, sql, *args)
-        # The script's pragmas run one by one on a cursor of our own: the caller's cursor
-        # must end as executescript leaves it (no rows), not holding a pragma's answer.
-        return guard.run_script(
-            kit, self.connection, plan, sql,
-            lambda text: base_executescript(self, text),
-            lambda text: kit.raw_cursor(self.connection).execute(text))
+        return _guarded_script(kit, self.connection, plan, base_executescript, self, sql,
+                               kit.raw_cursor)
 
     namespace = {
         "__slots__": (),
@@ -294,9 +304,7 @@ def _make_connection_class(base: Any, module: ModuleType, kit: guard.Kit) -> typ
                     return base_execute(self, sql, parameters, *extra)
                 return base_execute(self, sql, parameters)
             args = () if parameters is _NO_ARG else (parameters, *extra)
-            return guard.run_statement(
-                kit, self, plan.requests[0], lambda: base_execute(self, sql, *args),
-                can_retry=True)
+            return _guarded(kit, self, plan, base_execute, self, sql, args, True)
 
         def executemany(self: Any, sql: Any, /, *args: Any) -> Any:
             try:
@@ -305,17 +313,14 @@ def _make_connection_class(base: Any, module: ModuleType, kit: guard.Kit) -> typ
                 plan = scan(sql)
             if plan is None:
                 return base_executemany(self, sql, *args)
-            return guard.run_statement(
-                kit, self, plan.requests[0], lambda: base_executemany(self, sql, *args),
-                can_retry=False)
+            return _guarded(kit, self, plan, base_executemany, self, sql, args, False)
 
         def executescript(self: Any, sql: Any, /, *args: Any) -> Any:
             plan = scan(sql)
             if plan is None or args:
                 return base_executescript(self, sql, *args)
-            return guard.run_script(
-                kit, self, plan, sql, lambda text: base_executescript(self, text),
-                lambda text: base_execute(self, text))
+            return _guarded_script(kit, self, plan, base_executescript, self, sql,
+                                   kit.raw_cursor)
 
         # Only where the C method does not already reach the guarded cursor (never twice).
         for name, function, original in (("execute", execute, base_execute),

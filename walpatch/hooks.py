@@ -4,13 +4,19 @@ The wrapper only swaps the ``factory`` argument for a guarded subclass of whatev
 caller asked for (``connection.py``); the connection is still made by the original C
 function. Both ``pkg.connect`` and ``pkg.dbapi2.connect`` are wrapped, since code imports
 either. Like dd-trace-py's integrations, ``patch``/``unpatch`` are symmetric and idempotent
-and leave a flag on the module; if another tool wrapped ``connect`` on top of ours,
-``unpatch`` cannot take ours out of the middle of the chain, so it disables it instead.
+and leave a flag on the module.
+
+Stacking with other instrumentation (OpenTelemetry, ddtrace): when ``connect`` is already a
+wrapt wrapper, ours goes *beneath* it (innermost), because such tools uninstrument with
+``module.connect = module.connect.__wrapped__`` and would otherwise strip ours instead of
+theirs. ``unpatch`` takes ours out wherever it sits in a chain of wrapt wrappers; under a
+wrapper of another kind it cannot, and ours stays there disabled.
 """
 from __future__ import annotations
 
 import sys
 import threading
+import warnings
 from types import ModuleType
 from typing import Any, Callable, Dict, List, Tuple
 
@@ -30,10 +36,26 @@ _lock = threading.RLock()
 _active = False
 # (module, attribute name, original, our wrapper)
 _patched: List[Tuple[ModuleType, str, Any, Any]] = []
+_errors: List[str] = []  # patching failures, for is_installed()/status()
+
+# CPython 3.13 deprecates positional arguments after the first; its warning would point at
+# our wrapper, so the wrapper passes them as keywords and warns on the caller's line instead.
+_KEYWORD_AFTER_FIRST = sys.version_info >= (3, 13)
+_CONNECT_PARAMETERS = ("timeout", "detect_types", "isolation_level", "check_same_thread",
+                       "factory", "cached_statements", "uri")
+_POSITIONAL_WARNING = (
+    "Passing more than 1 positional argument to sqlite3.connect() is deprecated. Parameters "
+    "'timeout', 'detect_types', 'isolation_level', 'check_same_thread', 'factory', "
+    "'cached_statements' and 'uri' will become keyword-only parameters in Python 3.15.")
 
 
 def is_active() -> bool:
     return _active
+
+
+def errors() -> List[str]:
+    with _lock:
+        return list(_errors)
 
 
 def _make_wrapper(dbapi: ModuleType) -> Any:
@@ -42,6 +64,7 @@ def _make_wrapper(dbapi: ModuleType) -> Any:
     # the application imports sqlite3: an application that imports sqlite3 and never
     # connects does not pay for it. Holds connection.guarded_connection_class once loaded.
     loaded: List[Callable[[Any, ModuleType], Any]] = []
+    warn_positional = _KEYWORD_AFTER_FIRST and dbapi.__name__ == "sqlite3.dbapi2"
 
     def connect_wrapper(
         wrapped: Any, instance: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any]
@@ -51,6 +74,11 @@ def _make_wrapper(dbapi: ModuleType) -> Any:
 
             loaded.append(guarded_connection_class)
         factory = loaded[0]
+        if (warn_positional and 1 < len(args) <= 1 + len(_CONNECT_PARAMETERS)
+                and not set(kwargs) & set(_CONNECT_PARAMETERS[:len(args) - 1])):
+            warnings.warn(_POSITIONAL_WARNING, DeprecationWarning, stacklevel=2)
+            kwargs.update(zip(_CONNECT_PARAMETERS, args[1:]))
+            args = args[:1]
         if len(args) > FACTORY_POSITION:
             guarded = factory(args[FACTORY_POSITION], dbapi)
             args = args[:FACTORY_POSITION] + (guarded,) + args[FACTORY_POSITION + 1:]
@@ -82,6 +110,13 @@ def _patch_family(package: ModuleType) -> None:
 
         while pending:
             _patch_one(pending.pop(0), wrapt)
+    except Exception as exc:  # fail open, but say so: is_installed() turns False
+        message = f"walpatch: could not hook {package.__name__}.connect: {exc!r}; NOT guarded"
+        with _lock:
+            _errors.append(message)
+        from .events import logger
+
+        logger.error("%s", message)
     finally:
         _reentry.pending = None
 
@@ -99,10 +134,42 @@ def _patch_one(package: ModuleType, wrapt: Any) -> None:
             original = getattr(module, "connect", None)
             if original is None:
                 continue
+            # Beneath any wrapt wrappers already there (see the module docstring).
+            parent = None
+            while isinstance(original, _proxy_type(wrapt)):
+                parent, original = original, original.__wrapped__
             wrapped = wrapt.FunctionWrapper(original, wrapper, enabled=is_active)
-            setattr(module, "connect", wrapped)
+            if parent is None:
+                setattr(module, "connect", wrapped)
+            else:
+                parent.__wrapped__ = wrapped
             setattr(module, PATCH_FLAG, True)
             _patched.append((module, "connect", original, wrapped))
+
+
+def _proxy_type(wrapt: Any) -> Any:
+    """The base class of every wrapt wrapper (wrapt 2 split it from ObjectProxy)."""
+    return getattr(wrapt, "BaseObjectProxy", wrapt.ObjectProxy)
+
+
+def _take_out(module: ModuleType, name: str, original: Any, ours: Any) -> bool:
+    """Remove ``ours`` from the chain of wrappers at ``module.name``; False if it cannot."""
+    import wrapt  # already imported: ours is a wrapt wrapper
+
+    link: Any = getattr(module, name, None)
+    if link is ours:
+        setattr(module, name, original)
+        return True
+    while isinstance(link, _proxy_type(wrapt)):
+        inner = link.__wrapped__
+        if inner is ours:
+            try:
+                link.__wrapped__ = original
+                return True
+            except (AttributeError, TypeError):
+                return False
+        link = inner
+    return False
 
 
 def patch() -> None:
@@ -121,14 +188,14 @@ def unpatch() -> None:
         _active = False
         importhook.forget(_patch_family)
         for module, name, original, wrapped in _patched:
-            if getattr(module, name, None) is wrapped:
-                setattr(module, name, original)
-            # else: another wrapper sits on top of ours; ours stays in its chain, disabled.
+            # If ours cannot be taken out, it stays in the chain, disabled (is_active False).
+            _take_out(module, name, original, wrapped)
             try:
                 delattr(module, PATCH_FLAG)
             except AttributeError:
                 pass
         _patched.clear()
+        del _errors[:]
 
 
 def hooked_modules() -> List[str]:
