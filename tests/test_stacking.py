@@ -201,7 +201,8 @@ def test_walpatch_stacked_with_opentelemetry(tmp_path, order, removed):
     # 1. both installed: both work, in either order
     both = got["both"]
     for chain in (both["connect"], both["dbapi2_connect"]):
-        layers = [m for m in chain if m in ("walpatch.hooks", "opentelemetry.instrumentation.dbapi")]
+        layers = [m for m in chain
+                  if m in ("walpatch.hooks", "opentelemetry.instrumentation.dbapi")]
         # walpatch always sits innermost, beneath any wrapt wrapper already there: tools that
         # uninstrument with `connect = connect.__wrapped__` then remove themselves, not it.
         # (dbapi2.connect is wrapped by walpatch only, whatever the order.)

@@ -305,7 +305,7 @@ def _probe_database(db: str, python: Optional[str]) -> Dict[str, Any]:
         return out
     except _StepFailed as failed:
         step = failed.step
-        category = step.get("category")
+        category = str(step.get("category") or "")
         verdict = UNSUPPORTED if category == _c.WAL_UNSUPPORTED else FAILED
         what = {
             _c.WAL_UNSUPPORTED: "WAL is not supported on this filesystem",

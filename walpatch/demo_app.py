@@ -125,7 +125,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     report.update(
         log=collect.lines,
         fault=fault.summary() if fault is not None else None,
-        walpatch={"active": active, "stats": walpatch.stats() if active else None},
+        walpatch={"active": active,
+                  "stats": walpatch.stats() if active and walpatch is not None else None},
     )
     sys.stdout.write(json.dumps(report, sort_keys=True) + "\n")
     sys.stdout.flush()
