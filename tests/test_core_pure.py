@@ -30,6 +30,8 @@ def _err(message, code=None, cls=sqlite3.OperationalError):
     ("not authorized", 23, c.WAL_UNSUPPORTED),
     ("disk I/O error", 4618, c.WAL_UNSUPPORTED),  # IOERR_SHMOPEN
     ("disk I/O error", 5386, c.WAL_UNSUPPORTED),  # IOERR_SHMMAP
+    ("disk I/O error", 4874, c.TRANSIENT_IO),  # IOERR_SHMSIZE: a transient EIO gives it too
+    ("disk I/O error", 5130, c.TRANSIENT_IO),  # IOERR_SHMLOCK
     ("disk I/O error", 3850, c.STATE),  # IOERR_LOCK (mode=ro leaving WAL)
     ("cannot change into wal mode from within a transaction", 1, c.STATE),
     ("attempt to write a readonly database", 8, c.STATE),
@@ -41,7 +43,7 @@ def _err(message, code=None, cls=sqlite3.OperationalError):
 def test_classify_by_code_and_by_message(message, code, expected):
     assert c.classify(_err(message, code)) == expected
     # 3.8-3.10: no code, the message alone (extended codes collapse to the primary message)
-    if code not in (4618, 5386, 3850):
+    if code not in (4618, 5386, 3850, 4874, 5130):
         assert c.classify(_err(message)) == expected
 
 

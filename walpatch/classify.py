@@ -29,9 +29,10 @@ SQLITE_IOERR_SHMLOCK = 5130
 SQLITE_IOERR_SHMMAP = 5386
 SQLITE_IOERR_CORRUPTFS = 8458
 
-_UNSUPPORTED_EXTENDED = frozenset(
-    {SQLITE_IOERR_SHMOPEN, SQLITE_IOERR_SHMSIZE, SQLITE_IOERR_SHMLOCK, SQLITE_IOERR_SHMMAP}
-)
+# Only the shared-memory errors a filesystem without shared mmap gives (virtiofs, 9p, Docker
+# bind mounts, FUSE with direct_io). SHMSIZE and SHMLOCK are what a transient EIO or ENOSPC on
+# the -shm file gives too (seen with libfiu): they stay transient I/O, retried, fail closed.
+_UNSUPPORTED_EXTENDED = frozenset({SQLITE_IOERR_SHMOPEN, SQLITE_IOERR_SHMMAP})
 _STATE_EXTENDED = frozenset({SQLITE_IOERR_LOCK})
 _PRIMARY = {
     SQLITE_BUSY: CONTENTION,
@@ -116,9 +117,3 @@ def classify(
 
 def is_retryable(category: str) -> bool:
     return category in RETRYABLE
-
-
-def is_shared_memory_error(exc: BaseException) -> bool:
-    """IOERR_SHMOPEN/SHMSIZE/SHMLOCK/SHMMAP: usually a filesystem without shared mmap, but a
-    transient EIO while growing the -shm file gives SHMSIZE too (worth one more attempt)."""
-    return error_code(exc)[0] in _UNSUPPORTED_EXTENDED

@@ -68,6 +68,7 @@ class Scenario(NamedTuple):
     with_expect: Tuple[int, int]
     summary_without: str
     summary_with: str
+    persistent: bool = False  # the fault lasts for the whole WAL request (every retry fails)
 
 
 SCENARIOS = (
@@ -84,13 +85,15 @@ SCENARIOS = (
     Scenario(
         "already-wal",
         "The file is already WAL, as when sibling processes use it. The application asks for "
-        "WAL, one pwrite() fails with EIO, and its fallback asks for DELETE.",
+        "WAL, pwrite() keeps failing with EIO for the whole request (every retry fails too), "
+        "and its fallback asks for DELETE.",
         "wal", (1, 1), (2, 2),
         "the fallback took a WAL database in use by other processes back to a rollback "
         "journal (bytes 18-19 went from 2/2 to 1/1)",
         "the downgrade was refused because the header on disk says WAL: the file is "
         "untouched (2/2) and the application got walpatch.WalDowngradeRefused (an "
         "sqlite3.OperationalError) from its fallback instead of a silent downgrade",
+        persistent=True,
     ),
 )
 
@@ -181,6 +184,8 @@ def run_app(scratch: str, scenario: Scenario, with_walpatch: bool) -> Dict[str, 
     launcher = _LAUNCH_WALPATCH if with_walpatch else _LAUNCH_PLAIN
     cmd = faults.command_prefix() + [sys.executable, "-c", launcher, db, "--fault", FAULT_POINT,
                                      "--errno", FAULT_ERRNO]
+    if scenario.persistent:
+        cmd.append("--persistent")
     try:
         proc = subprocess.run(cmd, env=_child_env(extra), stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, universal_newlines=True, timeout=120,

@@ -484,9 +484,7 @@ def _guard_wal(
             io_seen = io_seen or category == _c.TRANSIENT_IO
             # CORRUPT is retried too: a transient EIO on read surfaces as "malformed", and
             # real corruption simply fails again (and is then raised, never a downgrade signal).
-            retryable = _c.is_retryable(category) or category == _c.CORRUPT or (
-                # one more attempt for a shared-memory error: it can be a transient EIO
-                attempts == 1 and _c.is_shared_memory_error(exc))
+            retryable = _c.is_retryable(category) or category == _c.CORRUPT
             name = _c.error_code(exc)[1] or type(exc).__name__
             if retryable and _wait_before_retry(
                     kit, conn, targets, config, attempts, started, f"{name} ({category})",
