@@ -74,7 +74,9 @@ def _make_wrapper(dbapi: ModuleType) -> Any:
 
             loaded.append(guarded_connection_class)
         factory = loaded[0]
-        if (warn_positional and 1 < len(args) <= 1 + len(_CONNECT_PARAMETERS)
+        # (Not when the factory itself is positional: sqlite3 then passes the arguments on
+        # positionally and the factory's __init__ warns too; keywords would lose that.)
+        if (warn_positional and 1 < len(args) <= FACTORY_POSITION
                 and not set(kwargs) & set(_CONNECT_PARAMETERS[:len(args) - 1])):
             warnings.warn(_POSITIONAL_WARNING, DeprecationWarning, stacklevel=2)
             kwargs.update(zip(_CONNECT_PARAMETERS, args[1:]))
