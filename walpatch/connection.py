@@ -260,23 +260,17 @@ def _cursor_guard_class(module: ModuleType, kit: guard.Kit) -> type:
 def _make_connection_class(base: Any, module: ModuleType, kit: guard.Kit) -> type:
     cursor_guard = _cursor_guard_class(module, kit)
     default_cursor = module.Cursor
-    base_init = base.__init__
     base_execute = base.execute
     base_executemany = base.executemany
     base_executescript = base.executescript
 
-    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
-        base_init(self, *args, **kwargs)
-        self._walpatch_database = args[0] if args else kwargs.get("database")
-        events.count("connections")
-
     namespace: Dict[str, Any] = {
+        # what connect() was given (set by hooks.py), to explain a silent refusal of WAL
         "__slots__": ("_walpatch_database",),
         "__module__": base.__module__,
         "__qualname__": base.__qualname__,
         "__doc__": base.__doc__,
         GUARDED_MARK: True,
-        "__init__": _like(__init__, base_init),
     }
 
     if base.cursor is not module.Connection.cursor:

@@ -8,7 +8,6 @@ Nothing here writes to stdout.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import threading
@@ -115,6 +114,8 @@ def emit(
         logger.log(log_level, "%s", message, extra={"walpatch": record})
     fd = _sink_fd
     if fd is not None:
+        import json  # only with an event file: json costs a millisecond at import
+
         line = json.dumps(dict(record, message=message), default=str, sort_keys=True) + "\n"
         try:
             os.write(fd, line.encode("utf-8", "replace"))

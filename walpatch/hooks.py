@@ -62,8 +62,8 @@ def _make_wrapper(dbapi: ModuleType) -> Any:
     default = dbapi.Connection
     # The guard (connection.py and what it imports) is loaded at the first connect(), not when
     # the application imports sqlite3: an application that imports sqlite3 and never
-    # connects does not pay for it. Holds connection.guarded_connection_class once loaded.
-    loaded: List[Callable[[Any, ModuleType], Any]] = []
+    # connects does not pay for it. Holds (guarded_connection_class, events.count) once loaded.
+    loaded: List[Callable[..., Any]] = []
     warn_positional = _KEYWORD_AFTER_FIRST and dbapi.__name__ == "sqlite3.dbapi2"
 
     def connect_wrapper(
@@ -71,9 +71,10 @@ def _make_wrapper(dbapi: ModuleType) -> Any:
     ) -> Any:
         if not loaded:
             from .connection import guarded_connection_class
+            from .events import count
 
-            loaded.append(guarded_connection_class)
-        factory = loaded[0]
+            loaded.extend((guarded_connection_class, count))
+        factory, count = loaded
         # (Not when the factory itself is positional: sqlite3 then passes the arguments on
         # positionally and the factory's __init__ warns too; keywords would lose that.)
         if (warn_positional and 1 < len(args) <= FACTORY_POSITION
@@ -86,7 +87,14 @@ def _make_wrapper(dbapi: ModuleType) -> Any:
             args = args[:FACTORY_POSITION] + (guarded,) + args[FACTORY_POSITION + 1:]
         else:
             kwargs["factory"] = factory(kwargs.get("factory", default), dbapi)
-        return wrapped(*args, **kwargs)
+        conn = wrapped(*args, **kwargs)
+        try:  # no __init__ override: one Python frame less on every connect
+            conn._walpatch_database = args[0] if args else kwargs.get("database")
+        except AttributeError:
+            pass  # a factory walpatch could not guard
+        else:
+            count("connections")
+        return conn
 
     return connect_wrapper
 

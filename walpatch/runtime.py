@@ -9,33 +9,45 @@ import contextlib
 import contextvars
 import os
 import threading
-from typing import Dict, Iterator, Optional
+from typing import TYPE_CHECKING, Dict, Iterator, Optional
 
 from .config import Config
-from .policy import History
+
+if TYPE_CHECKING:  # policy pulls in classify and ondisk: not needed until the first request
+    from .policy import History
 
 #: The active settings; None when walpatch is not installed (guarded objects then pass through).
 config: Optional[Config] = None
 
 _history_lock = threading.Lock()
-_history: Dict[str, History] = {}
+_history: Dict[str, "History"] = {}
 
 _allow_depth: "contextvars.ContextVar[int]" = contextvars.ContextVar(
     "walpatch_allow_downgrade", default=0
 )
 
 
+_keys: Dict[str, str] = {}
+_KEYS_MAX = 1024
+
+
 def file_key(path: str) -> str:
-    """One key per database file, whichever name it was opened under."""
-    return os.path.realpath(path)
+    """One key per database file, whichever name it was opened under (realpath, cached:
+    it costs tens of microseconds of lstat calls, on every journal-mode request)."""
+    key = _keys.get(path)
+    if key is None:
+        if len(_keys) >= _KEYS_MAX:
+            _keys.clear()
+        key = _keys[path] = os.path.realpath(path)
+    return key
 
 
-def history_for(path: str) -> Optional[History]:
+def history_for(path: str) -> Optional["History"]:
     with _history_lock:
         return _history.get(file_key(path))
 
 
-def record(path: str, entry: Optional[History]) -> None:
+def record(path: str, entry: Optional["History"]) -> None:
     with _history_lock:
         if entry is None:
             _history.pop(file_key(path), None)
