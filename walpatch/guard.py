@@ -13,7 +13,7 @@ import os
 import random
 import sys
 import time
-from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple, Type
+from typing import Any, Callable, List, NamedTuple, Optional, Tuple, Type
 
 from . import classify as _c
 from . import events, ondisk, policy, runtime
@@ -471,9 +471,6 @@ def _guard_wal(
     started = time.monotonic()
     attempts = 0
     io_seen = False
-    # The mode to go back to if this request takes a file that is *not* WAL on disk into WAL
-    # and WAL then turns out unusable here (see _check_shared_memory); None: never go back.
-    before = {t.path: _mode_to_restore(kit, conn, t) for t in targets}
     while True:
         attempts += 1
         try:
@@ -502,7 +499,7 @@ def _guard_wal(
                 "the connection reports WAL but the header on disk does not", _c.TRANSIENT_IO,
                 None):
             continue
-        _check_shared_memory(kit, conn, request, targets, before, config)
+        _check_shared_memory(kit, conn, request, targets, config)
         _record_wal_result(conn, observations, attempts)
         # Hand the caller a fresh result: asking for the mode the connection is now in is a
         # no-op for SQLite.
@@ -510,15 +507,18 @@ def _guard_wal(
 
 
 def _check_shared_memory(
-    kit: Kit, conn: Any, request: Request, targets: List[Target],
-    before: Dict[str, Optional[str]], config: Config,
+    kit: Kit, conn: Any, request: Request, targets: List[Target], config: Config,
 ) -> None:
     """After a switch into WAL: can this connection use it? On a filesystem without shared
     mmap (FUSE with direct_io, some virtiofs/9p setups) SQLite answers 'wal' and writes the
     header, and then every statement fails with IOERR_SHMMAP, for every process: the file is
     bricked. The first read shows it. A file this request took out of a rollback mode is put
-    back into that mode (exclusive locking mode needs no shared memory), and the error is
+    back into rollback mode (exclusive locking mode needs no shared memory), and the error is
     raised, classified "WAL unsupported here", so the application's own fallback may run.
+
+    Only a switch this request made can get here: a request for WAL on a file that is WAL on
+    disk already reads it first, so without shared memory it fails by itself (IOERR_SHMMAP)
+    and is raised before this check. So going back to DELETE undoes this request only.
     """
     try:
         _query(kit, conn, "PRAGMA schema_version")
@@ -529,10 +529,7 @@ def _check_shared_memory(
         error = exc
     reverted: List[str] = []
     for target in targets:
-        previous = before.get(target.path)
-        if previous is None or config.observe:
-            continue
-        if _revert_without_shared_memory(kit, conn, target.schema, previous):
+        if not config.observe and _revert_without_shared_memory(kit, conn, target.schema):
             reverted.append(target.path)
     _record_wal_error(kit, request, targets, error, config, attempts=1, note=False,
                       category=_c.WAL_UNSUPPORTED)
@@ -542,7 +539,7 @@ def _check_shared_memory(
             "wal-unusable", logging.ERROR,
             f"walpatch: {target.path} entered WAL but its -shm cannot be mapped here "
             f"({_c.error_code(error)[1] or error}): WAL cannot work on this filesystem; "
-            + (f"walpatch put the file back in journal mode {before.get(target.path)!r}"
+            + ("walpatch put the file back in rollback-journal mode (DELETE)"
                if undone else "the file could NOT be put back (another connection has it "
                "open?); run PRAGMA locking_mode=EXCLUSIVE then PRAGMA journal_mode=DELETE "
                "alone on it to recover"),
@@ -554,14 +551,7 @@ def _check_shared_memory(
     raise error
 
 
-def _mode_to_restore(kit: Kit, conn: Any, target: Target) -> Optional[str]:
-    if ondisk.read_disk_state(target.path).mode not in (ondisk.ROLLBACK, ondisk.EMPTY):
-        return None  # WAL on disk already (someone else's), or unknown: never leave it
-    mode = _current_mode(kit, conn, target.schema)
-    return mode if mode in ("delete", "truncate", "persist") else "delete"
-
-
-def _revert_without_shared_memory(kit: Kit, conn: Any, schema: str, mode: str) -> bool:
+def _revert_without_shared_memory(kit: Kit, conn: Any, schema: str, mode: str = "delete") -> bool:
     """Leave WAL through exclusive locking mode, which keeps the WAL index in heap memory."""
     prefix = f"PRAGMA {_quote(schema)}."
     rows: List[Tuple[str, ...]] = []

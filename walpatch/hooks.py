@@ -63,7 +63,7 @@ def _make_wrapper(dbapi: ModuleType) -> Any:
     # The guard (connection.py and what it imports) is loaded at the first connect(), not when
     # the application imports sqlite3: an application that imports sqlite3 and never
     # connects does not pay for it. Holds (guarded_connection_class, events.count) once loaded.
-    loaded: List[Callable[..., Any]] = []
+    loaded: List[Tuple[Callable[..., Any], Callable[..., Any]]] = []
     warn_positional = _KEYWORD_AFTER_FIRST and dbapi.__name__ == "sqlite3.dbapi2"
 
     def connect_wrapper(
@@ -73,8 +73,9 @@ def _make_wrapper(dbapi: ModuleType) -> Any:
             from .connection import guarded_connection_class
             from .events import count
 
-            loaded.extend((guarded_connection_class, count))
-        factory, count = loaded
+            # One item, replaced whole: threads racing through here all store the same pair.
+            loaded[:] = [(guarded_connection_class, count)]
+        factory, count = loaded[0]
         # (Not when the factory itself is positional: sqlite3 then passes the arguments on
         # positionally and the factory's __init__ warns too; keywords would lose that.)
         if (warn_positional and 1 < len(args) <= FACTORY_POSITION
