@@ -487,3 +487,34 @@ def test_callers_text_factory_cannot_blind_the_guard(guarded, tmp_path, text_fac
     assert conn.text_factory is text_factory
     conn.close()
     assert header(db) == (2, 2)
+
+
+RACE = """
+import sqlite3, sys, threading, walpatch
+walpatch.install()
+barrier = threading.Barrier(16)
+errors = []
+def first_connect():
+    barrier.wait()
+    try:
+        c = sqlite3.connect(sys.argv[1], timeout=10)
+        c.execute("SELECT 1").fetchall()
+        c.close()
+    except Exception as e:
+        errors.append(repr(e))
+threads = [threading.Thread(target=first_connect) for _ in range(16)]
+for t in threads: t.start()
+for t in threads: t.join()
+c = sqlite3.connect(sys.argv[1])
+print("errors", len(errors), errors[:1], walpatch.stats()["connections"])
+"""
+
+
+def test_first_connects_from_many_threads_at_once(tmp_path):
+    """Regression: the guard is loaded lazily at the first connect(); threads racing through
+    that once stored it twice, and every connect() after failed."""
+    for attempt in range(5):
+        proc = run_py(RACE, str(tmp_path / f"race{attempt}.db"))
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.split()[:2] == ["errors", "0"], proc.stdout
+        assert proc.stdout.split()[-1] == "17"
