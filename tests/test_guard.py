@@ -492,6 +492,7 @@ def test_callers_text_factory_cannot_blind_the_guard(guarded, tmp_path, text_fac
 RACE = """
 import sqlite3, sys, threading, walpatch
 walpatch.install()
+sys.setswitchinterval(1e-6)  # switch threads as often as possible: widens any race
 barrier = threading.Barrier(16)
 errors = []
 def first_connect():
