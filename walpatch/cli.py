@@ -56,8 +56,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:  # `walpatch check --json | head`: the reader left, not an error
-        try:
-            sys.stdout = open(os.devnull, "w")  # keep interpreter exit from failing to flush
-        except OSError:
-            pass
+        # Point stdout at /dev/null so that the interpreter's final flush cannot fail too.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
         return EXIT_OK

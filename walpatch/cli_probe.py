@@ -434,15 +434,7 @@ def _print_human(r: Dict[str, Any]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        return _run(args)
-    except BrokenPipeError:  # `walpatch ... | head`: stop quietly, keep the exit code sane
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        return EXIT_OK
-
-
-def _run(args: argparse.Namespace) -> int:
+    # (A reader that leaves, `walpatch ... | head`, is handled once in cli.main.)
     try:
         result = probe(args.directory, args.mountinfo, keep=args.keep)
     except ProbeError as exc:

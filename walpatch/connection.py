@@ -116,16 +116,20 @@ def _guarded_script(kit: guard.Kit, conn: Any, plan: Any, script_method: Any, ta
         lambda text: cursor_for_one(conn).execute(text))
 
 
-def _make_cursor_class(base: Any, kit: guard.Kit) -> type:
+def _execute_methods(base: Any, kit: guard.Kit, on_cursor: bool) -> Dict[str, Any]:
+    """execute/executemany/executescript overrides of ``base`` (a Cursor or Connection class).
+
+    The hot path (every execute): one dict lookup, one call of the C method. Positional-only
+    parameters with a sentinel rather than *args: packing and unpacking an args tuple costs
+    about as much again as the rest of the override (measured with callgrind). ``sql`` is
+    positional-only like the C methods': ``execute(sql=...)`` raises TypeError with walpatch
+    as without it (the messages of such argument errors differ in wording).
+    """
     base_execute = base.execute
     base_executemany = base.executemany
     base_executescript = base.executescript
+    conn_of = _connection_of_cursor if on_cursor else _itself  # slow path only
 
-    # The hot path (every execute): one dict lookup, one call of the C method. Positional-only
-    # parameters with a sentinel rather than *args: packing and unpacking an args tuple costs
-    # about as much again as the rest of the override (measured with callgrind).
-    # ``sql`` is positional-only like the C methods': ``execute(sql=...)`` raises TypeError
-    # with walpatch as without it (the messages of such argument errors differ in wording).
     def execute(self: Any, sql: Any, parameters: Any = _NO_ARG, /, *extra: Any) -> Any:
         try:
             plan = _PLANS[sql]
@@ -138,7 +142,7 @@ def _make_cursor_class(base: Any, kit: guard.Kit) -> type:
                 return base_execute(self, sql, parameters, *extra)
             return base_execute(self, sql, parameters)
         args = () if parameters is _NO_ARG else (parameters, *extra)
-        return _guarded(kit, self.connection, plan, base_execute, self, sql, args, True)
+        return _guarded(kit, conn_of(self), plan, base_execute, self, sql, args, True)
 
     def executemany(self: Any, sql: Any, /, *args: Any) -> Any:
         try:
@@ -147,24 +151,38 @@ def _make_cursor_class(base: Any, kit: guard.Kit) -> type:
             plan = scan(sql)
         if plan is None:
             return base_executemany(self, sql, *args)
-        return _guarded(kit, self.connection, plan, base_executemany, self, sql, args, False)
+        return _guarded(kit, conn_of(self), plan, base_executemany, self, sql, args, False)
 
     def executescript(self: Any, sql: Any, /, *args: Any) -> Any:
         plan = scan(sql)
         if plan is None or args:
             return base_executescript(self, sql, *args)
-        return _guarded_script(kit, self.connection, plan, base_executescript, self, sql,
+        return _guarded_script(kit, conn_of(self), plan, base_executescript, self, sql,
                                kit.raw_cursor)
 
+    return {
+        "execute": _like(execute, base_execute),
+        "executemany": _like(executemany, base_executemany),
+        "executescript": _like(executescript, base_executescript),
+    }
+
+
+def _connection_of_cursor(cursor: Any) -> Any:
+    return cursor.connection
+
+
+def _itself(conn: Any) -> Any:
+    return conn
+
+
+def _make_cursor_class(base: Any, kit: guard.Kit) -> type:
     namespace = {
         "__slots__": (),
         "__module__": base.__module__,
         "__qualname__": base.__qualname__,
         "__doc__": base.__doc__,
         GUARDED_MARK: True,
-        "execute": _like(execute, base_execute),
-        "executemany": _like(executemany, base_executemany),
-        "executescript": _like(executescript, base_executescript),
+        **_execute_methods(base, kit, on_cursor=True),
     }
     return type(base.__name__, (base,), namespace)
 
@@ -260,9 +278,6 @@ def _cursor_guard_class(module: ModuleType, kit: guard.Kit) -> type:
 def _make_connection_class(base: Any, module: ModuleType, kit: guard.Kit) -> type:
     cursor_guard = _cursor_guard_class(module, kit)
     default_cursor = module.Cursor
-    base_execute = base.execute
-    base_executemany = base.executemany
-    base_executescript = base.executescript
 
     namespace: Dict[str, Any] = {
         # what connect() was given (set by hooks.py), to explain a silent refusal of WAL
@@ -285,43 +300,11 @@ def _make_connection_class(base: Any, module: ModuleType, kit: guard.Kit) -> typ
 
     routes = _routes_through_cursor(module)
     if not (routes["execute"] and routes["executemany"] and routes["executescript"]):
-        # Same hot path as the cursor's execute (see _make_cursor_class).
-        def execute(self: Any, sql: Any, parameters: Any = _NO_ARG, /, *extra: Any) -> Any:
-            try:
-                plan = _PLANS[sql]
-            except (KeyError, TypeError):
-                plan = scan(sql)
-            if plan is None:
-                if parameters is _NO_ARG:
-                    return base_execute(self, sql)
-                if extra:  # too many arguments: let sqlite3 raise its own TypeError
-                    return base_execute(self, sql, parameters, *extra)
-                return base_execute(self, sql, parameters)
-            args = () if parameters is _NO_ARG else (parameters, *extra)
-            return _guarded(kit, self, plan, base_execute, self, sql, args, True)
-
-        def executemany(self: Any, sql: Any, /, *args: Any) -> Any:
-            try:
-                plan = _PLANS[sql]
-            except (KeyError, TypeError):
-                plan = scan(sql)
-            if plan is None:
-                return base_executemany(self, sql, *args)
-            return _guarded(kit, self, plan, base_executemany, self, sql, args, False)
-
-        def executescript(self: Any, sql: Any, /, *args: Any) -> Any:
-            plan = scan(sql)
-            if plan is None or args:
-                return base_executescript(self, sql, *args)
-            return _guarded_script(kit, self, plan, base_executescript, self, sql,
-                                   kit.raw_cursor)
-
+        methods = _execute_methods(base, kit, on_cursor=False)
         # Only where the C method does not already reach the guarded cursor (never twice).
-        for name, function, original in (("execute", execute, base_execute),
-                                         ("executemany", executemany, base_executemany),
-                                         ("executescript", executescript, base_executescript)):
+        for name, function in methods.items():
             if not routes[name]:
-                namespace[name] = _like(function, original)
+                namespace[name] = function
 
     bases = (cursor_guard,) if base is module.Connection else (base, cursor_guard)
     try:
