@@ -24,13 +24,11 @@ Python 3.8 compatible.
 from __future__ import annotations
 
 import ctypes
-import errno as _errno
 import json
 import os
 import shutil
 import subprocess
 import sys
-import threading
 from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Sequence, Union
 
 #: The checkout root (the directory holding ``walpatch/``): children get it on PYTHONPATH.
@@ -40,36 +38,19 @@ TESTS_DIR = os.path.join(ROOT, "tests")
 LIBFIU_SONAME = "libfiu.so.0"
 POSIX_PRELOAD = "/usr/lib/fiu/fiu_posix_preload.so"
 
-#: Short names for libfiu's POSIX fault points that SQLite's unix VFS goes through.
-POINTS: Dict[str, str] = {
-    "pread": "posix/io/rw/pread",
-    "pwrite": "posix/io/rw/pwrite",
-    "fdatasync": "posix/io/sync/fdatasync",
-    "fsync": "posix/io/sync/fsync",
-    "open": "posix/io/oc/open",
-    "close": "posix/io/oc/close",
-    "mmap": "posix/mm/mmap",
-    "ftruncate": "posix/io/rw/ftruncate",
-    "unlink": "posix/io/dir/unlink",
-}
+# The libfiu control API (point names, errno names, the ctypes binding and the counting Fault)
+# lives in the package, where ``walpatch demo`` uses it too: one wrapper, not two.
+from walpatch.faults import (  # noqa: E402
+    POINTS,
+    errno_value,
+    libfiu,
+    point_name,
+    under_fiu_run,
+)
+from walpatch.faults import Fault as _PackageFault  # noqa: E402
 
 #: libfiu flag: disable the point after its first failure (verified on libfiu 1.1).
 FIU_ONETIME = 1
-
-
-def point_name(point: str) -> str:
-    """The full libfiu name for ``point`` (a short name from :data:`POINTS` or a full name)."""
-    return POINTS.get(point, point)
-
-
-def errno_value(err: Union[int, str]) -> int:
-    """``"EIO"`` -> 5; ints pass through. libfiu's POSIX wrappers set errno to this value."""
-    if isinstance(err, int):
-        return err
-    value = getattr(_errno, err.upper(), None)
-    if not isinstance(value, int):
-        raise ValueError(f"unknown errno name {err!r}")
-    return value
 
 
 # --------------------------------------------------------------------------------------------
@@ -324,111 +305,25 @@ def cached_venv(base_python: str, requirements: Sequence[str], name: str,
 # Child side (the process running under ``fiu-run -x``)
 # --------------------------------------------------------------------------------------------
 
-# int cb(const char *name, int *failnum, void **failinfo, unsigned int *flags)
-_EXTERNAL_CB = ctypes.CFUNCTYPE(
-    ctypes.c_int, ctypes.c_char_p, ctypes.POINTER(ctypes.c_int),
-    ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_uint))
 
-_lib: Optional[Any] = None
-_lib_lock = threading.Lock()
+class Fault(_PackageFault):
+    """walpatch.faults.Fault with the tests' argument order: (point, err, times, after).
 
-
-def libfiu() -> Any:
-    """libfiu's control API in this process (ctypes), initialised once.
-
-    Faults only reach syscalls when the process runs under ``fiu-run -x`` (the POSIX
-    wrappers are preloaded); :func:`under_fiu_run` tells.
-    """
-    global _lib
-    with _lib_lock:
-        if _lib is None:
-            lib = ctypes.CDLL(LIBFIU_SONAME)
-            lib.fiu_init.argtypes = [ctypes.c_uint]
-            lib.fiu_enable.argtypes = [ctypes.c_char_p, ctypes.c_int, ctypes.c_void_p,
-                                       ctypes.c_uint]
-            lib.fiu_enable_external.argtypes = [ctypes.c_char_p, ctypes.c_int,
-                                                ctypes.c_void_p, ctypes.c_uint, _EXTERNAL_CB]
-            lib.fiu_disable.argtypes = [ctypes.c_char_p]
-            if lib.fiu_init(0) != 0:
-                raise RuntimeError("fiu_init failed")
-            _lib = lib
-        return _lib
-
-
-def under_fiu_run() -> bool:
-    """True when libfiu's POSIX preload library is in this process (``fiu-run -x``)."""
-    try:
-        with open("/proc/self/maps") as f:  # not a database file
-            return "fiu_posix_preload" in f.read()
-    except OSError:
-        return "fiu_posix_preload" in os.environ.get("LD_PRELOAD", "")
-
-
-class Fault:
-    """One enabled fault point. Fails the calls after the first ``after`` ones, ``times`` of
-    them (None: every call until :meth:`disable`), with errno ``err``.
-
-    ``calls`` counts every call of the point while enabled, ``fired`` the failed ones, so a
-    test can prove the fault really happened. Built on ``fiu_enable_external`` with a ctypes
-    callback: libfiu asks the callback on each call of the point (any thread).
+    Fails the calls after the first ``after`` ones, ``times`` of them (None: every call until
+    :meth:`disable`); ``calls``/``fired`` count what happened while it was enabled.
     """
 
     def __init__(self, point: str, err: Union[int, str] = "EIO", times: Optional[int] = 1,
                  after: int = 0) -> None:
-        if times is not None and times < 1:
-            raise ValueError("times must be >= 1 or None (persistent)")
-        self.point = point_name(point)
-        self.errno = errno_value(err)
-        self.times = times
-        self.after = after
-        self.calls = 0
-        self.fired = 0
-        self.enabled = False
-        self._lock = threading.Lock()
-        self._callback = _EXTERNAL_CB(self._decide)  # kept referenced while enabled
-
-    def _decide(self, name: Any, failnum: Any, failinfo: Any, flags: Any) -> int:
-        with self._lock:
-            self.calls += 1
-            if self.calls <= self.after:
-                return 0
-            if self.times is not None and self.fired >= self.times:
-                return 0
-            self.fired += 1
-            return 1
-
-    def enable(self) -> "Fault":
-        if not under_fiu_run():
-            raise RuntimeError("not running under `fiu-run -x`: the fault would never fire")
-        rc = libfiu().fiu_enable_external(self.point.encode(), 1, ctypes.c_void_p(self.errno),
-                                          0, self._callback)
-        if rc != 0:
-            raise RuntimeError(f"fiu_enable_external({self.point!r}) failed: {rc}")
-        self.enabled = True
-        return self
-
-    def disable(self) -> None:
-        if self.enabled:
-            libfiu().fiu_disable(self.point.encode())
-            self.enabled = False
-
-    def summary(self) -> Dict[str, Any]:
-        """A JSON-ready description: point, errno name, times, after, calls, fired."""
-        return {"point": self.point, "errno": _errno.errorcode.get(self.errno, self.errno),
-                "times": self.times, "after": self.after, "calls": self.calls,
-                "fired": self.fired}
-
-    def __enter__(self) -> "Fault":
-        return self.enable()
-
-    def __exit__(self, *exc: Any) -> None:
-        self.disable()
+        super().__init__(point, err, times=times, after=after)
 
 
 def enable(point: str, err: Union[int, str] = "EIO", times: Optional[int] = 1,
            after: int = 0) -> Fault:
     """Enable a fault now; call ``.disable()`` when done (or use :func:`inject`)."""
-    return Fault(point, err, times, after).enable()
+    fault = Fault(point, err, times, after)
+    fault.enable()
+    return fault
 
 
 def inject(point: str, err: Union[int, str] = "EIO", times: Optional[int] = 1,
