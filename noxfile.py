@@ -16,18 +16,24 @@ wrapt: ``1.17`` = wrapt==1.17.*; ``2`` = the newest 2.x (2.2.0 excluded: descrip
 regression; 2.1+ dropped Python 3.8, so 3.8 gets 2.0.x). Each cell prints the wrapt it got
 and fails if that is not the series it asked for.
 
-Each cell also installs the framework packages of tests/test_frameworks.py and
-tests/test_stacking.py (FRAMEWORKS, OTEL below) and sets WALPATCH_REQUIRE_FRAMEWORKS=1 and
-WALPATCH_REQUIRE_FAULTS=1, so that none of those tests may skip. A test file that cannot run
-in a cell (NOT_COVERED: OpenTelemetry on 3.8 with wrapt 2) is deselected with a warning.
+Each cell installs walpatch (editable) with setup.cfg's ``test`` extra (pytest, hypothesis,
+and the framework packages of tests/test_frameworks.py and tests/test_stacking.py) and sets
+WALPATCH_REQUIRE_FAULTS=1, WALPATCH_REQUIRE_FRAMEWORKS=1 and WALPATCH_REQUIRE_ALL_PYTHONS=1,
+so that none of those tests may skip. A test file that cannot run in a cell (NOT_COVERED:
+OpenTelemetry on 3.8 with wrapt 2) is deselected with a warning.
+
+``WALPATCH_NOX_SUITE=core nox``: the whole suite on 3.11 only, a core on the other
+interpreters (CORE_LEAVES_OUT below), for when the full matrix outgrows CI's time limit.
 
 Cross-interpreter tests (tests/test_cpython_suite.py runs CPython's own sqlite3 suite on every
-interpreter; tests/test_faults.py runs some scenarios on 3.8 and 3.13 too) must run once per
-interpreter, not once per cell for every interpreter: each cell sets WALPATCH_MATRIX=1 and
-deselects the test ids parametrized with another interpreter's version ("[3.9]", ...).
+interpreter; test_faults.py, test_activation.py and test_transparency.py run some checks on
+other interpreters too) must run once per interpreter, not in every cell for every
+interpreter: each cell deselects the test ids parametrized with another interpreter's version
+("[3.9]", ...) and sets WALPATCH_MATRIX=1 for the tests to know they run in a cell.
 """
 from __future__ import annotations
 
+import configparser
 import glob
 import os
 import re
@@ -41,21 +47,21 @@ WRAPT = {
     "1.17": "wrapt==1.17.*",
     "2": "wrapt>=2,!=2.2.0",  # pip picks the newest 2.x the interpreter supports
 }
-FRAMEWORKS = [
-    "sqlalchemy",
-    "django",
-    "peewee",
-    "aiosqlite",
-    "sqlite-utils",
-    "coverage",
-]
+#: The framework packages (also in setup.cfg's test extra): tests/test_frameworks.py and,
+#: for OpenTelemetry, tests/test_stacking.py.
 OTEL = ["opentelemetry-instrumentation-sqlite3", "opentelemetry-sdk"]
-#: (python, wrapt) -> why a test file cannot run in that cell (it is deselected, and said so)
+#: (python, wrapt) -> (test file, why it cannot run in that cell): deselected, and said so
 NOT_COVERED = {
     ("3.8", "2"): ("tests/test_stacking.py",
                    "opentelemetry-instrumentation 0.54b1, the last release for Python 3.8, "
                    "requires wrapt<2: OpenTelemetry cannot be installed next to wrapt 2 on 3.8"),
 }
+#: WALPATCH_NOX_SUITE=core: the fallback if the matrix outgrows CI's time limit. The cells
+#: of FULL_ON run everything; the others leave out these files (load, benchmarks, the
+#: SQLite-oracle fuzzing of the pure-Python scanner: slow, and least tied to the
+#: interpreter or wrapt). Measured cost per cell: docs/compatibility.md.
+FULL_ON = "3.11"
+CORE_LEAVES_OUT = ["tests/test_stress.py", "tests/test_bench_smoke.py", "tests/test_sqlscan.py"]
 
 nox.options.sessions = ["tests"]
 nox.options.reuse_existing_virtualenvs = False
@@ -102,6 +108,18 @@ PYTHONS = list(INTERPRETERS) or [f"3.{minor}" for minor in MINORS]
 os.environ["PATH"] = os.pathsep.join(list(INTERPRETERS.values()) + [os.environ.get("PATH", "")])
 
 
+def _name(requirement: str) -> str:
+    return re.split(r"[\s\[<>=!~;]", requirement.strip(), maxsplit=1)[0].lower()
+
+
+def test_requirements() -> List[str]:
+    """The requirements of setup.cfg's ``test`` extra."""
+    parser = configparser.ConfigParser()
+    parser.read(os.path.join(os.path.dirname(os.path.abspath(__file__)), "setup.cfg"))
+    raw = parser.get("options.extras_require", "test", fallback="")
+    return [line.strip() for line in raw.splitlines() if line.strip()]
+
+
 def other_versions_expression(current: str) -> str:
     """A pytest -k expression deselecting tests parametrized with another version's id."""
     others = [f"[3.{minor}]" for minor in MINORS if f"3.{minor}" != current]
@@ -113,7 +131,10 @@ def other_versions_expression(current: str) -> str:
 def tests(session: nox.Session, wrapt: str) -> None:
     """The whole test suite on one interpreter with one wrapt series."""
     gap = NOT_COVERED.get((str(session.python), wrapt))
-    session.install("-e", ".[test]", WRAPT[wrapt], *FRAMEWORKS, *([] if gap else OTEL))
+    # setup.cfg's test extra, minus what cannot be installed in this cell (pip would
+    # otherwise backtrack for many minutes looking for an OpenTelemetry that takes wrapt 2).
+    requirements = [r for r in test_requirements() if not (gap and _name(r) in OTEL)]
+    session.install("-e", ".", WRAPT[wrapt], *requirements)
     got = session.run("python", "-c", "import wrapt; print(wrapt.__version__)", silent=True)
     got = (got or "").strip().splitlines()[-1]
     if not (got.startswith("1.17.") if wrapt == "1.17" else got.startswith("2.")):
@@ -125,11 +146,19 @@ def tests(session: nox.Session, wrapt: str) -> None:
         "WALPATCH_MATRIX": "1",
         "WALPATCH_REQUIRE_FAULTS": "1",
         "WALPATCH_REQUIRE_FRAMEWORKS": "1",
+        "WALPATCH_REQUIRE_ALL_PYTHONS": "1",
         "PYTHONDONTWRITEBYTECODE": "1",
     }
     args = list(session.posargs or ["-q", "-p", "no:cacheprovider"])
     if gap:
         session.warn(f"NOT COVERED in this cell: {gap[0]}: {gap[1]}")
         args = ["--deselect", gap[0]] + args
+    suite = os.environ.get("WALPATCH_NOX_SUITE", "full").strip().lower()
+    if suite not in ("full", "core"):
+        session.error(f"WALPATCH_NOX_SUITE={suite!r}: use 'full' or 'core'")
+    if suite == "core" and str(session.python) != FULL_ON:
+        session.warn(f"WALPATCH_NOX_SUITE=core: left out here: {', '.join(CORE_LEAVES_OUT)}")
+        for path in CORE_LEAVES_OUT:
+            args = ["--deselect", path] + args
     session.run("python", "-m", "pytest", "-k", other_versions_expression(str(session.python)),
                 *args, env=env)
