@@ -7,7 +7,6 @@ accepted) and the default is used instead. Protection stays on.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field, fields, replace
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 ENFORCE = "enforce"
@@ -21,24 +20,77 @@ DISABLE_WORDS = ("", "0", "off", "false", "no")
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
-@dataclass(frozen=True)
-class Config:
-    """Everything that changes walpatch's behaviour. Immutable: a new install makes a new one."""
+_DEFAULTS: Dict[str, Any] = {
+    "mode": ENFORCE,
+    "retry_attempts": 5,
+    "retry_initial_delay": 0.05,
+    "retry_max_delay": 1.0,
+    "retry_total_timeout": 5.0,
+    "allow_downgrade": False,
+    "allow_downgrade_paths": (),
+    "include_paths": (),
+    "exclude_paths": (),
+    "unsupported_markers": (),
+    "log_level": None,
+    "event_file": None,
+}
 
-    mode: str = ENFORCE
-    retry_attempts: int = 5
-    retry_initial_delay: float = 0.05
-    retry_max_delay: float = 1.0
-    retry_total_timeout: float = 5.0
-    allow_downgrade: bool = False
-    allow_downgrade_paths: Tuple[str, ...] = ()
-    include_paths: Tuple[str, ...] = ()
-    exclude_paths: Tuple[str, ...] = ()
-    unsupported_markers: Tuple[str, ...] = ()
-    log_level: Optional[str] = None
-    event_file: Optional[str] = None
-    # Not a setting: which settings came from where, for `walpatch status`.
-    sources: Tuple[Tuple[str, str], ...] = field(default=(), compare=False)
+
+class Config:
+    """Everything that changes walpatch's behaviour. Immutable: a new install makes a new one.
+
+    A plain class with __slots__ rather than a dataclass: it is built when the application
+    first imports sqlite3, and importing ``dataclasses`` plus generating the class cost about
+    3 ms there (benchmarks/startup.py).
+    """
+
+    __slots__ = tuple(_DEFAULTS) + ("sources",)
+
+    mode: str
+    retry_attempts: int
+    retry_initial_delay: float
+    retry_max_delay: float
+    retry_total_timeout: float
+    allow_downgrade: bool
+    allow_downgrade_paths: Tuple[str, ...]
+    include_paths: Tuple[str, ...]
+    exclude_paths: Tuple[str, ...]
+    unsupported_markers: Tuple[str, ...]
+    log_level: Optional[str]
+    event_file: Optional[str]
+    #: Not a setting: which settings came from where, for `walpatch status`.
+    sources: Tuple[Tuple[str, str], ...]
+
+    def __init__(self, **settings: Any) -> None:
+        unknown = set(settings) - set(_DEFAULTS) - {"sources"}
+        if unknown:
+            raise TypeError(f"unknown settings: {', '.join(sorted(unknown))}")
+        for name, default in _DEFAULTS.items():
+            object.__setattr__(self, name, settings.get(name, default))
+        object.__setattr__(self, "sources", settings.get("sources", ()))
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError("Config is immutable: use replace()")
+
+    def replace(self, **changes: Any) -> "Config":
+        values = self.as_dict()
+        values["sources"] = self.sources
+        values.update(changes)
+        return Config(**values)
+
+    def as_dict(self) -> Dict[str, Any]:
+        """The settings (not ``sources``) as a plain dict."""
+        return {name: getattr(self, name) for name in _DEFAULTS}
+
+    def __eq__(self, other: object) -> bool:  # ``sources`` does not count
+        return isinstance(other, Config) and self.as_dict() == other.as_dict()
+
+    def __hash__(self) -> int:
+        return hash(tuple(self.as_dict().items()))
+
+    def __repr__(self) -> str:
+        inner = ", ".join(f"{k}={v!r}" for k, v in self.as_dict().items())
+        return f"Config({inner})"
 
     @property
     def observe(self) -> bool:
@@ -171,7 +223,7 @@ def build_config(
         except ValueError as exc:
             warnings.append(
                 f"walpatch: ignoring {var}={raw!r}: expected {exc}; "
-                f"using the default ({getattr(Config, name)!r}), protection stays on"
+                f"using the default ({_DEFAULTS[name]!r}), protection stays on"
             )
 
     for name, raw in settings.items():
@@ -185,7 +237,7 @@ def build_config(
             values[name] = SETTINGS[name][1](raw)
             sources[name] = "install()"
         except ValueError as exc:
-            fallback = values.get(name, getattr(Config, name))
+            fallback = values.get(name, _DEFAULTS[name])
             warnings.append(
                 f"walpatch: ignoring setting {name}={raw!r}: expected {exc}; "
                 f"using {fallback!r}, protection stays on"
@@ -197,10 +249,10 @@ def build_config(
             f"walpatch: retry_max_delay ({config.retry_max_delay}) is below retry_initial_delay "
             f"({config.retry_initial_delay}); using retry_initial_delay for both"
         )
-        config = replace(config, retry_max_delay=config.retry_initial_delay)
-    return replace(config, sources=tuple(sorted(sources.items()))), warnings
+        config = config.replace(retry_max_delay=config.retry_initial_delay)
+    return config.replace(sources=tuple(sorted(sources.items()))), warnings
 
 
 def describe(config: Config) -> Dict[str, Any]:
     """The settings as a plain dict (for `walpatch status` and the startup event)."""
-    return {f.name: getattr(config, f.name) for f in fields(config) if f.name != "sources"}
+    return config.as_dict()
