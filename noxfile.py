@@ -130,6 +130,9 @@ def other_versions_expression(current: str) -> str:
 @nox.parametrize("wrapt", list(WRAPT))
 def tests(session: nox.Session, wrapt: str) -> None:
     """The whole test suite on one interpreter with one wrapt series."""
+    suite = os.environ.get("WALPATCH_NOX_SUITE", "full").strip().lower()
+    if suite not in ("full", "core"):
+        session.error(f"WALPATCH_NOX_SUITE={suite!r}: use 'full' or 'core'")
     gap = NOT_COVERED.get((str(session.python), wrapt))
     # setup.cfg's test extra, minus what cannot be installed in this cell (pip would
     # otherwise backtrack for many minutes looking for an OpenTelemetry that takes wrapt 2).
@@ -153,9 +156,6 @@ def tests(session: nox.Session, wrapt: str) -> None:
     if gap:
         session.warn(f"NOT COVERED in this cell: {gap[0]}: {gap[1]}")
         args = ["--deselect", gap[0]] + args
-    suite = os.environ.get("WALPATCH_NOX_SUITE", "full").strip().lower()
-    if suite not in ("full", "core"):
-        session.error(f"WALPATCH_NOX_SUITE={suite!r}: use 'full' or 'core'")
     if suite == "core" and str(session.python) != FULL_ON:
         session.warn(f"WALPATCH_NOX_SUITE=core: left out here: {', '.join(CORE_LEAVES_OUT)}")
         for path in CORE_LEAVES_OUT:
