@@ -69,7 +69,14 @@ KNOWN_DIFFERENCES: Dict[str, List[Tuple[str, str, str]]] = {
 
 
 def find_interpreter(version: str) -> Optional[str]:
-    """Newest ~/.pyenv/versions/X.Y.Z/bin/python for ``version`` ('3.8'), or None."""
+    """Newest ~/.pyenv/versions/X.Y.Z/bin/python for ``version`` ('3.8'), or None.
+
+    In a nox matrix cell (WALPATCH_MATRIX=1) the cell's own interpreter is used for its
+    version, so that CPython's suite runs against the cell's wrapt.
+    """
+    if (os.environ.get("WALPATCH_MATRIX") == "1"
+            and version == "%d.%d" % sys.version_info[:2]):
+        return sys.executable
     found = []
     for path in glob.glob(os.path.join(PYENV, version + ".*", "bin", "python")):
         patch = os.path.basename(os.path.dirname(os.path.dirname(path))).split(".")[2]
