@@ -145,7 +145,8 @@ def test_lock_safety_under_load(tmp_path, mode):
     assert guarded["probes"] >= 10, guarded
     assert guarded["checks_during_holds"] >= guarded["probes"], guarded
     assert guarded["violations"] == 0, guarded
-    assert guarded["unexpected_errors"] == 0 and guarded["hung_threads"] == 0, guarded
+    assert guarded["unexpected_errors"] == 0 and guarded["hung_threads"] == 0, (
+        guarded["unexpected"], guarded["hung_threads"])
     assert guarded["integrity"] == "ok" and guarded["lost"] == 0, guarded
     if mode == "wal":
         assert guarded["refusals"] > 0, guarded  # the downgrades really met the guard
