@@ -43,6 +43,7 @@ POSIX_PRELOAD = "/usr/lib/fiu/fiu_posix_preload.so"
 from walpatch.faults import (  # noqa: E402
     POINTS,
     errno_value,
+    last_json_object,
     libfiu,
     point_name,
     under_fiu_run,
@@ -122,16 +123,7 @@ class RunResult(NamedTuple):
 
 def parse_result(stdout: str) -> Optional[Dict[str, Any]]:
     """The last line of ``stdout`` that is a JSON object, or None."""
-    for line in reversed(stdout.splitlines()):
-        line = line.strip()
-        if line.startswith("{"):
-            try:
-                value = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(value, dict):
-                return value
-    return None
+    return last_json_object(stdout)
 
 
 def run_script(

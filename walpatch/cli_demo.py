@@ -159,16 +159,7 @@ def _read_events(path: str) -> List[Dict[str, Any]]:
 
 
 def _last_json(text: str) -> Optional[Dict[str, Any]]:
-    for line in reversed(text.splitlines()):
-        line = line.strip()
-        if line.startswith("{"):
-            try:
-                value = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(value, dict):
-                return value
-    return None
+    return faults.last_json_object(text)
 
 
 def run_app(scratch: str, scenario: Scenario, with_walpatch: bool) -> Dict[str, Any]:

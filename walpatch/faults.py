@@ -240,3 +240,19 @@ __all__ = [
     "POINTS", "INSTALL_HINT", "Fault", "available", "command_prefix", "enable", "disable",
     "under_fiu_run", "libfiu", "point_name", "errno_value",
 ]
+
+
+def last_json_object(text: str) -> Optional[Dict[str, Any]]:
+    """The last line of ``text`` that is a JSON object, or None (a child's result line)."""
+    import json
+
+    for line in reversed(text.splitlines()):
+        line = line.strip()
+        if line.startswith("{"):
+            try:
+                value = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(value, dict):
+                return value
+    return None
