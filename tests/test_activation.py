@@ -481,7 +481,7 @@ def test_status_command(kind_python: Dict[str, Any], workdir: Path) -> None:
     assert "WALPATCH_RETRY_ATTEMPTS='0'" in info["setting_warnings"][0]
 
     # In a process that imported sqlite3: installed, with the hooked modules.
-    code = ("import json, sqlite3; from walpatch.cli_status import collect; "
+    code = ("import json, sqlite3; from walpatch.cli.status import collect; "
             "print(json.dumps(collect(), default=str))")
     proc = run([kind_python["python"], "-c", code], workdir, clean_env(WALPATCH="1"))
     info = last_json(proc)

@@ -19,7 +19,7 @@ from typing import Dict, Iterator, List, Optional, Sequence
 
 import pytest
 
-from walpatch import cli_probe
+from walpatch.cli import probe as cli_probe
 
 ROOT = Path(__file__).resolve().parent.parent
 DROP_DAC = ["setpriv", "--inh-caps=-dac_override,-dac_read_search",

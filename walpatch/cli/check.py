@@ -28,8 +28,8 @@ import sys
 from typing import Any, Dict, List, Optional, Tuple
 from urllib.parse import quote
 
-from . import ondisk
-from .cli import EXIT_OK, EXIT_PROBLEM, EXIT_USAGE
+from .. import ondisk
+from . import EXIT_OK, EXIT_PROBLEM, EXIT_USAGE
 
 #: Version of the JSON shape printed by ``--json`` (docs/cli.md). Bumped on incompatible change.
 JSON_VERSION = 1

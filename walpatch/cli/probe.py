@@ -27,9 +27,9 @@ import tempfile
 import time
 from typing import Any, Dict, List, Optional
 
-from . import classify as _c
-from . import ondisk
-from .cli import EXIT_OK, EXIT_PROBLEM, EXIT_USAGE
+from .. import classify as _c
+from .. import ondisk
+from . import EXIT_OK, EXIT_PROBLEM, EXIT_USAGE
 
 JSON_VERSION = 1
 MOUNTINFO = "/proc/self/mountinfo"

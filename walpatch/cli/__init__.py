@@ -1,4 +1,4 @@
-"""The ``walpatch`` command: one parser, one module per subcommand (``cli_<name>.py``).
+"""The ``walpatch`` command: one parser, one module per subcommand (``walpatch/cli/<name>.py``).
 
 Exit codes shared by every subcommand: 0 ok, 1 the check found a problem, 2 bad usage or
 input (a clear one-line message, never a traceback), 127 the command to run was not found.
@@ -15,16 +15,16 @@ EXIT_OK, EXIT_PROBLEM, EXIT_USAGE, EXIT_NOT_FOUND = 0, 1, 2, 127
 
 # subcommand -> (module, one-line help). Each module has add_arguments(parser) and run(args).
 SUBCOMMANDS = {
-    "run": ("walpatch.cli_run", "run a command with walpatch active in it and its children"),
-    "status": ("walpatch.cli_status", "say whether walpatch is active in this interpreter"),
-    "check": ("walpatch.cli_check", "inspect database files: journal mode, header, sidecars"),
-    "probe": ("walpatch.cli_probe", "can this directory's filesystem host a WAL database?"),
-    "demo": ("walpatch.cli_demo", "show what walpatch does, with a real injected fault"),
+    "run": ("walpatch.cli.run", "run a command with walpatch active in it and its children"),
+    "status": ("walpatch.cli.status", "say whether walpatch is active in this interpreter"),
+    "check": ("walpatch.cli.check", "inspect database files: journal mode, header, sidecars"),
+    "probe": ("walpatch.cli.probe", "can this directory's filesystem host a WAL database?"),
+    "demo": ("walpatch.cli.demo", "show what walpatch does, with a real injected fault"),
 }
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
+    from .. import __version__
 
     parser = argparse.ArgumentParser(
         prog="walpatch",

@@ -13,8 +13,8 @@ import shutil
 import sys
 from typing import Dict, List, Mapping, Optional
 
-from .cli import EXIT_NOT_FOUND, EXIT_USAGE
-from .config import ENABLE_WORDS, OBSERVE_WORDS
+from ..config import ENABLE_WORDS, OBSERVE_WORDS
+from . import EXIT_NOT_FOUND, EXIT_USAGE
 
 EXIT_CANNOT_EXECUTE = 126
 _MODE_WORDS = ENABLE_WORDS + OBSERVE_WORDS
@@ -22,7 +22,8 @@ _MODE_WORDS = ENABLE_WORDS + OBSERVE_WORDS
 
 def bootstrap_dir() -> str:
     """The directory holding the bootstrap ``sitecustomize.py`` (and nothing importable)."""
-    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "_sitecustomize")
+    package_dir = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return os.path.join(package_dir, "_sitecustomize")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -29,14 +29,15 @@ import tempfile
 import textwrap
 from typing import Any, Dict, List, NamedTuple, Optional, Tuple
 
-from . import faults, ondisk
-from .cli import EXIT_OK, EXIT_PROBLEM, EXIT_USAGE
+from .. import faults, ondisk
+from . import EXIT_OK, EXIT_PROBLEM, EXIT_USAGE
 
 JSON_VERSION = 1
 FAULT_POINT = "pwrite"
 FAULT_ERRNO = "EIO"
 
-_PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+#: the folder that holds the walpatch package (walpatch/cli/demo.py -> three levels up)
+_PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # The application's process: `python -c LAUNCHER db --fault pwrite`. With walpatch, the two
 # lines a user would put in sitecustomize run first; the application's code is the same.
