@@ -33,6 +33,8 @@ _DEFAULTS: Dict[str, Any] = {
     "unsupported_markers": (),
     "log_level": None,
     "event_file": None,
+    "wal_reset_bug": "warn",
+    "on_refusal": "raise",
 }
 
 
@@ -58,6 +60,8 @@ class Config:
     unsupported_markers: Tuple[str, ...]
     log_level: Optional[str]
     event_file: Optional[str]
+    wal_reset_bug: str
+    on_refusal: str
     #: Not a setting: which settings came from where, for `walpatch status`.
     sources: Tuple[Tuple[str, str], ...]
 
@@ -180,6 +184,22 @@ def _parse_event_file(raw: Any) -> Optional[str]:
     return os.path.abspath(os.path.expanduser(text))
 
 
+def _parse_wal_reset_bug(raw: Any) -> str:
+    """What to do on an SQLite with the WAL-reset bug (walpatch/sqliteinfo.py)."""
+    word = str(raw).strip().lower()
+    if word not in ("warn", "avoid", "accept"):
+        raise ValueError("one of warn, avoid, accept")
+    return word
+
+
+def _parse_on_refusal(raw: Any) -> str:
+    """What a refused downgrade gives the caller: the exception, or the mode that stays."""
+    word = str(raw).strip().lower()
+    if word not in ("raise", "keep"):
+        raise ValueError("one of raise, keep")
+    return word
+
+
 # setting name -> (environment variable, parser)
 SETTINGS: Dict[str, Tuple[str, Callable[[Any], Any]]] = {
     "mode": ("WALPATCH", _parse_mode),
@@ -194,6 +214,8 @@ SETTINGS: Dict[str, Tuple[str, Callable[[Any], Any]]] = {
     "unsupported_markers": ("WALPATCH_UNSUPPORTED_MARKERS", _parse_markers),
     "log_level": ("WALPATCH_LOG_LEVEL", _parse_log_level),
     "event_file": ("WALPATCH_EVENT_FILE", _parse_event_file),
+    "wal_reset_bug": ("WALPATCH_WAL_RESET_BUG", _parse_wal_reset_bug),
+    "on_refusal": ("WALPATCH_ON_REFUSAL", _parse_on_refusal),
 }
 
 

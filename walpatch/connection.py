@@ -102,8 +102,11 @@ def _like(function: Any, original: Any) -> Any:
 # create closure cells for its variables on *every* call, fast path included.
 def _guarded(kit: guard.Kit, conn: Any, plan: Any, method: Any, target: Any, sql: str,
              args: Tuple[Any, ...], can_retry: bool) -> Any:
+    # call() runs the statement; call(text) runs text in its place through the same method
+    # and cursor (the guard's answer for on_refusal=keep and wal_reset_bug=avoid).
     return guard.run_statement(
-        kit, conn, plan.requests[0], lambda: method(target, sql, *args), can_retry=can_retry)
+        kit, conn, plan.requests[0], lambda text=sql: method(target, text, *args),
+        can_retry=can_retry)
 
 
 def _guarded_script(kit: guard.Kit, conn: Any, plan: Any, script_method: Any, target: Any,

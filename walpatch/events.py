@@ -40,6 +40,10 @@ COUNTERS = (
     "observed_would_retry",
     "disk_checks",
     "disk_check_failures",
+    "downgrades_kept",
+    "wal_avoided",
+    "observed_would_avoid",
+    "wal_reset_bug_warnings",
 )
 
 

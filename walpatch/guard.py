@@ -16,11 +16,11 @@ import time
 from typing import Any, Callable, List, NamedTuple, Optional, Tuple, Type
 
 from . import classify as _c
-from . import events, ondisk, policy, runtime
+from . import events, ondisk, policy, runtime, sqliteinfo
 from .config import Config
 from .sqlscan import Plan, Request, ascii_lower
 
-Call = Callable[[], Any]
+Call = Callable[..., Any]  # call() runs the statement; call(sql) runs sql in its place
 
 _random = random.Random()
 
@@ -180,14 +180,24 @@ def run_statement(kit: Kit, conn: Any, request: Request, call: Call, can_retry: 
             return call()
         # Cannot even list the databases: fail closed for a downgrade.
         schema = request.schema or "main"
-        return _refuse_or_observe(
-            kit, config, request, Target(schema, "?"), policy.Decision(
-                policy.REFUSE, f"the attached databases could not be listed ({exc})"), call)
+        try:
+            return _refuse_or_observe(
+                kit, config, request, Target(schema, "?"), policy.Decision(
+                    policy.REFUSE, f"the attached databases could not be listed ({exc})"), call,
+                keepable=True)
+        except sqliteinfo.Kept as kept:
+            return sqliteinfo.keep(kit, conn, request, call, kept)
     if not targets:
         return call()
     if request.is_wal:
+        avoided = sqliteinfo.before_wal_request(kit, request, targets, call, config)
+        if avoided is not sqliteinfo.PROCEED:
+            return avoided
         return _guard_wal(kit, conn, request, targets, call, config, can_retry)
-    _check_downgrade(kit, request, targets, config)
+    try:
+        _check_downgrade(kit, request, targets, config, keepable=True)
+    except sqliteinfo.Kept as kept:  # on_refusal=keep: the mode that stays, as the row
+        return sqliteinfo.keep(kit, conn, request, call, kept)
     result = call()
     for t in targets:
         runtime.record(t.path, None)
@@ -246,7 +256,8 @@ def run_script(
     return result
 
 
-def _check_downgrade(kit: Kit, request: Request, targets: List[Target], config: Config) -> None:
+def _check_downgrade(kit: Kit, request: Request, targets: List[Target], config: Config,
+                     keepable: bool = False) -> None:
     events.count("downgrade_requests")
     for target in targets:
         disk = ondisk.read_disk_state(target.path)
@@ -257,7 +268,7 @@ def _check_downgrade(kit: Kit, request: Request, targets: List[Target], config: 
             disk, runtime.history_for(target.path), _allowed_because(target.path, config)
         )
         if decision.refuse:
-            _refuse_or_observe(kit, config, request, target, decision, None, disk)
+            _refuse_or_observe(kit, config, request, target, decision, None, disk, keepable)
         elif "allowed on purpose" in decision.reason:
             events.count("downgrades_allowed")
             events.emit(
@@ -278,8 +289,11 @@ def _check_downgrade(kit: Kit, request: Request, targets: List[Target], config: 
 
 def _refuse_or_observe(
     kit: Kit, config: Config, request: Request, target: Target, decision: policy.Decision,
-    call: Optional[Call], disk: Optional[ondisk.DiskState] = None,
+    call: Optional[Call], disk: Optional[ondisk.DiskState] = None, keepable: bool = False,
 ) -> Any:
+    """Refuse (raise), or in observe mode log and run ``call``. ``keepable``: the entry point
+    can hand back a row, so ``on_refusal=keep`` raises sqliteinfo.Kept for the caller of this
+    function to answer with the mode that stays in effect (sqliteinfo.keep)."""
     cause = decision.cause
     code_name = _c.error_code(cause)[1] if cause is not None else None
     fields = dict(
@@ -295,6 +309,10 @@ def _refuse_or_observe(
             dedupe_key=target.path, outcome="observed", **fields)
         return call() if call is not None else None
     events.count("downgrades_refused")
+    if keepable and getattr(config, "on_refusal", sqliteinfo.RAISE) == sqliteinfo.KEEP:
+        raise sqliteinfo.Kept(
+            kit.refused(target.path, target.schema, request.mode, decision.reason, cause),
+            cause, target, fields)
     events.emit(
         "downgrade-refused", logging.WARNING,
         f"walpatch: refused journal_mode={request.mode} on {target.path}: {decision.reason}",

@@ -72,10 +72,11 @@ def _make_wrapper(dbapi: ModuleType) -> Any:
         if not loaded:
             from .connection import guarded_connection_class
             from .events import count
+            from .sqliteinfo import watch_connect
 
-            # One item, replaced whole: threads racing through here all store the same pair.
-            loaded[:] = [(guarded_connection_class, count)]
-        factory, count = loaded[0]
+            # One item, replaced whole: threads racing through here all store the same tuple.
+            loaded[:] = [(guarded_connection_class, count, watch_connect)]
+        factory, count, watch = loaded[0]
         # (Not when the factory itself is positional: sqlite3 then passes the arguments on
         # positionally and the factory's __init__ warns too; keywords would lose that.)
         if (warn_positional and 1 < len(args) <= FACTORY_POSITION
@@ -95,6 +96,7 @@ def _make_wrapper(dbapi: ModuleType) -> Any:
             pass  # a factory walpatch could not guard
         else:
             count("connections")
+            watch(dbapi, conn._walpatch_database)  # WAL-reset bug: a WAL file is WAL use
         return conn
 
     return connect_wrapper

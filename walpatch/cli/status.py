@@ -33,7 +33,47 @@ def collect() -> Dict[str, Any]:
     else:
         _, warnings = build_config({})
     info["setting_warnings"] = list(warnings)
+    settings = info.get("settings") or info.get("environment_settings") or {}
+    info["sqlite"] = _sqlite(str(settings.get("wal_reset_bug", "warn")))
     return info
+
+
+def _sqlite(setting: str) -> List[Dict[str, Any]]:
+    """Each DB-API module's SQLite: version, source id, library, WAL-reset-bug verdict."""
+    from walpatch import sqliteinfo
+
+    try:
+        return sqliteinfo.collect(setting)
+    except Exception as exc:  # never a traceback from `status`
+        return [{"module": "sqlite3", "error": f"{type(exc).__name__}: {exc}"}]
+
+
+_VERDICT_TEXT = {
+    "affected": "AFFECTED",
+    "fixed": "fixed",
+    "accepted": "accepted by the operator (WALPATCH_WAL_RESET_BUG=accept)",
+    "not-applicable": "not applicable (this SQLite predates WAL, 3.7.0)",
+    "unknown": "UNKNOWN (the version cannot be read; treated as affected)",
+}
+
+
+def _describe_sqlite(entries: List[Dict[str, Any]]) -> List[str]:
+    lines = ["SQLite (what each DB-API module really loaded):"]
+    for e in entries:
+        if e.get("error"):
+            lines.append(f"  {e['module']}: cannot be inspected: {e['error']}")
+            continue
+        lines.append(f"  {e['module']}: SQLite {e['version']} ({e['source_id']})")
+        lines.append(f"    library        {e['library'] or 'unknown'}"
+                     + (f"  ({e['library_how']})" if e.get("library_how") else ""))
+        verdict = e["wal_reset_bug"]
+        text = _VERDICT_TEXT.get(verdict, verdict)
+        if verdict in ("affected", "unknown"):
+            text += (f": 3.7.0 to 3.51.2 are affected, fixed in {', '.join(e['fixed_in'])}; "
+                     "upgrade (README, \"The WAL-reset bug\"), or set "
+                     "WALPATCH_WAL_RESET_BUG=avoid or =accept")
+        lines.append(f"    WAL-reset bug  {text}")
+    return lines
 
 
 _SOURCE_NAMES = {"pth": "walpatch.pth", "walpatch run": "walpatch run's sitecustomize"}
@@ -95,6 +135,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"{title}:")
     for key, value in sorted(settings.items()):
         print(f"  {key} = {value!r}  ({sources.get(key, 'default')})")
+    for line in _describe_sqlite(info["sqlite"]):
+        print(line)
     for warning in info["setting_warnings"]:
         print(f"warning: {warning}")
     return 0
