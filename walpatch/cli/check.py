@@ -525,8 +525,25 @@ def _print_human(r: Dict[str, Any]) -> None:
         print(f"  expect     {r['expect']}: " + ("ok" if r["expect_ok"] else "NO"))
     for note in r["notes"]:
         print(f"  note: {note}")
+    if r.get("wal_reset_bug") in ("affected", "unknown"):
+        print(f"  sqlite     {_sqlite_line()}")
     for problem in r["problems"]:
         print(f"  PROBLEM: {problem}")
+
+
+def _sqlite_verdict() -> Dict[str, Any]:
+    """This interpreter's SQLite and its WAL-reset-bug verdict (under the environment's
+    WALPATCH_WAL_RESET_BUG), for WAL files."""
+    from ..config import build_config
+    from ..sqliteinfo import interpreter_verdict
+
+    return interpreter_verdict(build_config({})[0].wal_reset_bug)
+
+
+def _sqlite_line() -> str:
+    from ..sqliteinfo import cli_line
+
+    return cli_line(_sqlite_verdict()["version"])
 
 
 def run(args: argparse.Namespace) -> int:
@@ -544,6 +561,9 @@ def run(args: argparse.Namespace) -> int:
         except Exception as exc:  # never a traceback: say what failed, in one line
             r = _empty_result(path, args.expect)
             r["error"] = f"unexpected error: {type(exc).__name__}: {exc}"
+        # The WAL-reset bug concerns WAL files: this interpreter's verdict, null otherwise.
+        r["wal_reset_bug"] = _sqlite_verdict()["wal_reset_bug"] \
+            if r.get("journal_mode") == ondisk.WAL else None
         results.append(r)
         if r["status"] == "error":
             print(f"walpatch check: {path}: {r['error']}", file=sys.stderr)

@@ -5,7 +5,9 @@ and then with walpatch, while libfiu injects one real, transient EIO into its
 
   Scenario 1: a rollback-journal file; the WAL request meets the EIO.
   Scenario 2: the file is already WAL (its sibling processes use WAL); the WAL request meets
-              the EIO and the application's fallback asks for DELETE.
+              the EIO and the application's fallback asks for DELETE. With
+              `--on-refusal keep` walpatch answers that DELETE with 'wal' instead of
+              raising WalDowngradeRefused, and the legacy application starts.
 
 For each run it prints, side by side, the header bytes 18-19 before and after (1/1 rollback,
 2/2 WAL), the fault, the application's own log lines and walpatch's events. Nothing is
@@ -70,6 +72,8 @@ class Scenario(NamedTuple):
     summary_without: str
     summary_with: str
     persistent: bool = False  # the fault lasts for the whole WAL request (every retry fails)
+    #: with --on-refusal keep (WALPATCH_ON_REFUSAL=keep), when it differs from summary_with
+    summary_with_keep: str = ""
 
 
 SCENARIOS = (
@@ -95,8 +99,15 @@ SCENARIOS = (
         "untouched (2/2) and the application got walpatch.WalDowngradeRefused (an "
         "sqlite3.OperationalError) from its fallback instead of a silent downgrade",
         persistent=True,
+        summary_with_keep=(
+            "the downgrade was refused because the header on disk says WAL, and with "
+            "WALPATCH_ON_REFUSAL=keep the fallback's PRAGMA journal_mode=DELETE was answered "
+            "with the mode that stays in effect ('wal'), no exception: the legacy application "
+            "started and wrote its row, and the file is untouched (2/2)"),
     ),
 )
+ON_REFUSAL = ("raise", "keep")
+WAL_RESET_EVENT = "sqlite-wal-reset-bug"
 
 
 class DemoError(Exception):
@@ -163,7 +174,8 @@ def _last_json(text: str) -> Optional[Dict[str, Any]]:
     return faults.last_json_object(text)
 
 
-def run_app(scratch: str, scenario: Scenario, with_walpatch: bool) -> Dict[str, Any]:
+def run_app(scratch: str, scenario: Scenario, with_walpatch: bool,
+            on_refusal: str = "raise") -> Dict[str, Any]:
     label = "with" if with_walpatch else "without"
     db = os.path.join(scratch, f"{scenario.name}-{label}-walpatch.db")
     _setup(db, scenario.initial_mode)
@@ -173,6 +185,7 @@ def run_app(scratch: str, scenario: Scenario, with_walpatch: bool) -> Dict[str, 
     if with_walpatch:
         events_file = os.path.join(scratch, f"{scenario.name}-events.jsonl")
         extra["WALPATCH_EVENT_FILE"] = events_file
+        extra["WALPATCH_ON_REFUSAL"] = on_refusal
     launcher = _LAUNCH_WALPATCH if with_walpatch else _LAUNCH_PLAIN
     cmd = faults.command_prefix() + [sys.executable, "-c", launcher, db, "--fault", FAULT_POINT,
                                      "--errno", FAULT_ERRNO]
@@ -197,6 +210,10 @@ def run_app(scratch: str, scenario: Scenario, with_walpatch: bool) -> Dict[str, 
         "app_log": app.get("log") or [], "events": _read_events(events_file) if events_file
         else [], "stderr": proc.stderr if not app else None,
     }
+    # The WAL-reset-bug warning (once per process, about this machine's SQLite, not about the
+    # scenario) is kept apart from the scenario's events and shown once above the tables.
+    run["sqlite_events"] = [e for e in run["events"] if e.get("event") == WAL_RESET_EVENT]
+    run["events"] = [e for e in run["events"] if e.get("event") != WAL_RESET_EVENT]
     fault = app.get("fault") or {}
     problems: List[str] = []
     if proc.returncode == 4 or not app:
@@ -210,6 +227,10 @@ def run_app(scratch: str, scenario: Scenario, with_walpatch: bool) -> Dict[str, 
                         f"{_describe_header(after)}")
     if with_walpatch and not (app.get("walpatch") or {}).get("active"):
         problems.append("walpatch was not active in the application")
+    if with_walpatch and on_refusal == "keep" and app and (proc.returncode != 0
+                                                           or app.get("final_mode") != "wal"):
+        problems.append(f"with on_refusal=keep the application should start in WAL mode; it "
+                        f"exited {proc.returncode} in mode {app.get('final_mode')}")
     run["problems"] = problems
     run["as_expected"] = not problems
     return run
@@ -301,6 +322,14 @@ def _print_human(result: Dict[str, Any]) -> None:
     print(f"meets one real, transient EIO: libfiu makes {FAULT_POINT}() fail once with "
           f"{FAULT_ERRNO} (fiu-run -x) during its PRAGMA journal_mode=WAL.")
     print("Header bytes 18-19 of the database file: 1/1 = rollback journal, 2/2 = WAL.")
+    warned = [e for sc in result["scenarios"] for e in sc["runs"]["with"]["sqlite_events"]]
+    if warned:
+        print(f"In each run with walpatch it also warned once ({WAL_RESET_EVENT}): SQLite "
+              f"{warned[0].get('sqlite_version')} here has the WAL-reset bug (see `walpatch "
+              "status`).")
+    if result.get("on_refusal") == "keep":
+        print("With walpatch, WALPATCH_ON_REFUSAL=keep: a refused downgrade is answered with "
+              "the mode that stays in effect instead of an exception.")
     for i, sc in enumerate(result["scenarios"], 1):
         without, with_ = sc["runs"]["without"], sc["runs"]["with"]
         print()
@@ -347,14 +376,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dir", metavar="DIR",
                         help="create the scratch directory inside DIR (default: the system "
                              "temporary directory)")
+    parser.add_argument("--on-refusal", choices=ON_REFUSAL, default="raise",
+                        help="walpatch's on_refusal setting in the application (keep: a "
+                             "refused downgrade answers 'wal' instead of raising; default "
+                             "raise)")
 
 
-def demo(keep: bool = False, parent: Optional[str] = None) -> Dict[str, Any]:
+def demo(keep: bool = False, parent: Optional[str] = None, on_refusal: str = "raise"
+         ) -> Dict[str, Any]:
     """The JSON object of ``walpatch demo`` (docs/cli.md). Raises DemoError when it cannot
     run here."""
     ok, how = faults.available()
     result: Dict[str, Any] = {"walpatch_demo": JSON_VERSION, "exit_code": EXIT_USAGE,
-                              "fault_injection": {"available": ok, "detail": how,
+                              "on_refusal": on_refusal, "fault_injection": {"available": ok, "detail": how,
                                                   "simulated": False},
                               "scenarios": [], "scratch": None, "scratch_kept": False}
     if not ok:
@@ -370,10 +404,13 @@ def demo(keep: bool = False, parent: Optional[str] = None) -> Dict[str, Any]:
     result["scratch"] = scratch
     try:
         for sc in SCENARIOS:
-            runs = {"without": run_app(scratch, sc, False), "with": run_app(scratch, sc, True)}
+            runs = {"without": run_app(scratch, sc, False),
+                    "with": run_app(scratch, sc, True, on_refusal)}
             result["scenarios"].append({
                 "name": sc.name, "title": sc.title, "initial_mode": sc.initial_mode,
-                "summary_without": sc.summary_without, "summary_with": sc.summary_with,
+                "summary_without": sc.summary_without,
+                "summary_with": (sc.summary_with_keep if on_refusal == "keep"
+                                 and sc.summary_with_keep else sc.summary_with),
                 "runs": runs, "as_expected": all(r["as_expected"] for r in runs.values()),
             })
     finally:
@@ -397,7 +434,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     try:
-        result = demo(keep=args.keep, parent=args.dir)
+        result = demo(keep=args.keep, parent=args.dir, on_refusal=args.on_refusal)
     except DemoError as exc:
         print(f"walpatch demo: {exc}", file=sys.stderr)
         if args.json:

@@ -389,6 +389,12 @@ def probe(directory: str, mountinfo: str = MOUNTINFO, keep: bool = False,
             shutil.rmtree(scratch, ignore_errors=True)
             result["cleaned_up"] = not os.path.lexists(scratch)
     result["exit_code"] = EXIT_OK if result["verdict"] == OK else EXIT_PROBLEM
+    # WAL works here: does this interpreter's SQLite have the WAL-reset bug? (null otherwise)
+    from ..config import build_config
+    from ..sqliteinfo import interpreter_verdict
+
+    result["wal_reset_bug"] = interpreter_verdict(build_config({})[0].wal_reset_bug)[
+        "wal_reset_bug"] if result["verdict"] == OK else None
     return result
 
 
@@ -429,6 +435,10 @@ def _print_human(r: Dict[str, Any]) -> None:
                     f"{step.get('category')})"
         print(f"  [{mark}] {step['step']:<20} {step['what']}{extra}")
     print(f"verdict     {r['verdict']}: {r['reason']}")
+    if r.get("wal_reset_bug") in ("affected", "unknown"):
+        from ..sqliteinfo import cli_line
+
+        print(f"note        {cli_line(r['sqlite_version'])}")
     if not r.get("cleaned_up"):
         print(f"scratch     kept at {r['scratch']}")
 
