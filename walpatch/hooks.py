@@ -62,8 +62,9 @@ def _make_wrapper(dbapi: ModuleType) -> Any:
     default = dbapi.Connection
     # The guard (connection.py and what it imports) is loaded at the first connect(), not when
     # the application imports sqlite3: an application that imports sqlite3 and never
-    # connects does not pay for it. Holds (guarded_connection_class, events.count) once loaded.
-    loaded: List[Tuple[Callable[..., Any], Callable[..., Any]]] = []
+    # connects does not pay for it. Holds (guarded_connection_class, events.count,
+    # sqliteinfo.watch_connect) once loaded.
+    loaded: List[Tuple[Callable[..., Any], Callable[..., Any], Callable[..., Any]]] = []
     warn_positional = _KEYWORD_AFTER_FIRST and dbapi.__name__ == "sqlite3.dbapi2"
 
     def connect_wrapper(

@@ -388,7 +388,8 @@ def demo(keep: bool = False, parent: Optional[str] = None, on_refusal: str = "ra
     run here."""
     ok, how = faults.available()
     result: Dict[str, Any] = {"walpatch_demo": JSON_VERSION, "exit_code": EXIT_USAGE,
-                              "on_refusal": on_refusal, "fault_injection": {"available": ok, "detail": how,
+                              "on_refusal": on_refusal,
+                              "fault_injection": {"available": ok, "detail": how,
                                                   "simulated": False},
                               "scenarios": [], "scratch": None, "scratch_kept": False}
     if not ok:
