@@ -23,7 +23,7 @@ TOP_KEYS = {"walpatch_check", "exit_code", "files"}
 FILE_KEYS = {
     "path", "realpath", "status", "error", "size", "journal_mode", "journal_mode_detail",
     "header", "header_ok", "sidecars", "locks", "in_use", "lock_holders", "integrity",
-    "expect", "expect_ok", "problems", "notes",
+    "expect", "expect_ok", "problems", "notes", "wal_reset_bug",
 }
 HEADER_KEYS = {
     "bytes_read", "magic_ok", "page_size", "write_version", "read_version", "reserved_bytes",

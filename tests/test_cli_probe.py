@@ -27,7 +27,7 @@ DROP_DAC = ["setpriv", "--inh-caps=-dac_override,-dac_read_search",
 TOP_KEYS = {
     "walpatch_probe", "exit_code", "directory", "realpath", "sqlite_version", "filesystem",
     "scratch", "steps", "verdict", "reason", "category", "header_after_wal",
-    "files_after_close", "cleaned_up", "notes",
+    "files_after_close", "cleaned_up", "notes", "wal_reset_bug",
 }
 FS_KEYS = {"mountinfo", "error", "fs_type", "mount_point", "source", "mount_options",
            "super_options", "network", "device", "notes"}

@@ -628,3 +628,81 @@ def test_keep_in_a_legacy_process(tmp_path: Path) -> None:
     plain = run_py(code.replace("assert walpatch.install()\n", "")
                    .replace("print(walpatch.stats()['downgrades_kept'])\n", ""), str(db2))
     assert plain.stdout.split() == ["delete"] and header(db2) == (1, 1)
+
+
+# ------------------------------------------------------------------------------------------
+# check, probe, demo
+# ------------------------------------------------------------------------------------------
+
+def _cli(*args: str, extra_env: Optional[Dict[str, str]] = None,
+         timeout: float = 180) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WALPATCH")}
+    env["PYTHONPATH"] = str(ROOT)
+    env.update(extra_env or {})
+    return subprocess.run([sys.executable, "-m", "walpatch", *args], capture_output=True,
+                          text=True, env=env, timeout=timeout)
+
+
+LINE = (f"SQLite {sqlite3.sqlite_version} (this interpreter's sqlite3) has the WAL-reset bug; "
+        "fixed in 3.51.3, 3.50.7, 3.44.6")
+
+
+@needs_affected
+def test_check_adds_one_line_for_wal_files(tmp_path: Path) -> None:
+    wal, rb = tmp_path / "wal.db", tmp_path / "rb.db"
+    make_db(wal, "wal")
+    make_db(rb, "delete")
+    proc = _cli("check", "--json", str(wal), str(rb))
+    assert proc.returncode == 0, proc.stderr
+    files = json.loads(proc.stdout)["files"]
+    assert [f["wal_reset_bug"] for f in files] == ["affected", None]
+    human = _cli("check", str(wal), str(rb))
+    assert human.returncode == 0
+    lines = [line for line in human.stdout.splitlines() if "WAL-reset bug" in line]
+    assert lines == [f"  sqlite     {LINE} (README, \"The WAL-reset bug\"; `walpatch status`)"]
+    assert human.stdout.index(lines[0]) < human.stdout.index("rb.db: rollback")
+    accepted = _cli("check", "--json", str(wal), extra_env={"WALPATCH_WAL_RESET_BUG": "accept"})
+    assert json.loads(accepted.stdout)["files"][0]["wal_reset_bug"] == "accepted"
+    assert "WAL-reset" not in _cli("check", str(wal),
+                                   extra_env={"WALPATCH_WAL_RESET_BUG": "accept"}).stdout
+
+
+@needs_affected
+def test_probe_adds_one_line_where_wal_works(tmp_path: Path) -> None:
+    proc = _cli("probe", "--json", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(proc.stdout)
+    assert (data["verdict"], data["wal_reset_bug"]) == ("wal-ok", "affected")
+    human = _cli("probe", str(tmp_path)).stdout.splitlines()
+    assert [line for line in human if "WAL-reset bug" in line] == [f"note        {LINE} "
+                                                                    "(README, \"The WAL-reset "
+                                                                    "bug\"; `walpatch status`)"]
+    assert human[-1].startswith("verdict     wal-ok")
+    accepted = _cli("probe", "--json", str(tmp_path),
+                    extra_env={"WALPATCH_WAL_RESET_BUG": "accept"})
+    assert json.loads(accepted.stdout)["wal_reset_bug"] == "accepted"
+
+
+@pytest.mark.fault
+def test_demo_on_refusal_keep_lets_the_legacy_app_start(libfiu: Any, tmp_path: Path) -> None:
+    proc = _cli("demo", "--json", "--on-refusal", "keep", "--dir", str(tmp_path))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    data = json.loads(proc.stdout)
+    assert data["on_refusal"] == "keep" and data["exit_code"] == 0
+    s1, s2 = data["scenarios"]
+    with_, without = s2["runs"]["with"], s2["runs"]["without"]
+    assert without["header_after"] == [1, 1]  # the control: downgraded without walpatch
+    assert with_["exit_code"] == 0 and with_["app"]["error"] is None
+    assert with_["app"]["fallback"] is True and with_["app"]["final_mode"] == "wal"
+    assert with_["header_after"] == [2, 2]
+    refused = [e for e in with_["events"] if e["event"] == "downgrade-refused"]
+    assert [e["outcome"] for e in refused] == ["kept"]
+    assert with_["app"]["walpatch"]["stats"]["downgrades_kept"] == 1
+    assert "WALPATCH_ON_REFUSAL=keep" in s2["summary_with"]
+    # the once-per-process WAL-reset warning is kept apart from the scenario's events
+    if THIS_SQLITE_AFFECTED:
+        assert [e["event"] for e in with_["sqlite_events"]] == ["sqlite-wal-reset-bug"]
+    # and the default is unchanged: raise
+    raised = json.loads(_cli("demo", "--json", "--dir", str(tmp_path)).stdout)
+    assert raised["on_refusal"] == "raise"
+    assert raised["scenarios"][1]["runs"]["with"]["app"]["error"]["type"] == "WalDowngradeRefused"

@@ -434,11 +434,11 @@ def _print_human(r: Dict[str, Any]) -> None:
             extra = f": {step['error']} ({step.get('errorname') or 'no code'}, " \
                     f"{step.get('category')})"
         print(f"  [{mark}] {step['step']:<20} {step['what']}{extra}")
-    print(f"verdict     {r['verdict']}: {r['reason']}")
     if r.get("wal_reset_bug") in ("affected", "unknown"):
         from ..sqliteinfo import cli_line
 
         print(f"note        {cli_line(r['sqlite_version'])}")
+    print(f"verdict     {r['verdict']}: {r['reason']}")
     if not r.get("cleaned_up"):
         print(f"scratch     kept at {r['scratch']}")
 
