@@ -274,7 +274,7 @@ _warned: Dict[str, bool] = {}  # family -> the event was emitted in this process
 _families: Dict[int, Tuple[str, str]] = {}  # id(kit.error) -> (family, sqlite version)
 #: family -> the config under which connects need no more watching (event done, or unaffected)
 _quiet_for: Dict[str, Any] = {}
-_checked_paths: Dict[str, None] = {}
+_checked_paths: Dict[Any, None] = {}  # connect() arguments looked at
 _CHECKED_MAX = 1024
 
 
@@ -347,15 +347,20 @@ def _path_of(database: Any) -> Optional[str]:
 def watch_connect(dbapi: ModuleType, database: Any) -> None:
     """At each guarded connect: a connection to a file already in WAL is WAL use.
 
-    Costs a dict lookup once the module needs no more watching (the event was emitted, the
-    SQLite is fixed, or the operator accepted it) and, while it is watched, one set lookup
-    per connect after the first connect to each file (whose header is read once, through
-    SQLite's own descriptor: ondisk.py). Never raises.
+    Costs two dict lookups per connect: one once the module needs no more watching (the
+    event was emitted, the SQLite is fixed, or the operator accepted it), and while it is
+    watched one more for a ``database`` argument seen before; each new one is looked at once
+    (its header read through SQLite's own descriptor: ondisk.py). Never raises.
     """
     config = runtime.config
     name = dbapi.__name__
     if config is None or _quiet_for.get(name) is config:
         return
+    try:
+        if database in _checked_paths:
+            return
+    except TypeError:  # an unhashable argument (bytearray): looked at below, every time
+        pass
     try:
         family = name.split(".")[0]
         version = str(dbapi.sqlite_version)
@@ -363,12 +368,15 @@ def watch_connect(dbapi: ModuleType, database: Any) -> None:
                 or not needs_attention(wal_reset_bug(version))):
             _quiet_for[name] = config
             return
-        path = _path_of(database)
-        if path is None or path in _checked_paths:
-            return
         if len(_checked_paths) >= _CHECKED_MAX:
             _checked_paths.clear()
-        _checked_paths[path] = None
+        try:
+            _checked_paths[database] = None
+        except TypeError:
+            pass
+        path = _path_of(database)
+        if path is None:
+            return
         from . import ondisk
 
         if ondisk.read_disk_state(os.path.abspath(path)).is_wal:
