@@ -697,7 +697,9 @@ def test_sitecustomize_example(kind_python: Dict[str, Any], bare_python: Path,
     env = clean_env(PYTHONPATH=str(site_dir))
     proc = run([py, scripts["legacy.py"], db], workdir, env)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stderr.startswith("walpatch: refused journal_mode=delete on ")
+    # On an SQLite with the WAL-reset bug (issue 11) the connect to the WAL file warns first.
+    lines = [ln for ln in proc.stderr.splitlines() if "has the WAL-reset bug" not in ln]
+    assert lines[0].startswith("walpatch: refused journal_mode=delete on "), proc.stderr
     assert last_json(proc)["refused"]["type"] == "WalDowngradeRefused"
     assert header(db) == (2, 2)
     out = last_json(run([py, scripts["probe.py"]], workdir, env))
