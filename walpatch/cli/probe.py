@@ -134,7 +134,10 @@ def read_mount_table(path: str) -> str:
     flags = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0)
     fd = os.open(path, flags)  # not a database file
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise ValueError("is a directory")
+        if not stat.S_ISREG(mode):
             raise ValueError("not a regular file (give a mountinfo file such as "
                              f"{MOUNTINFO})")
         chunks: List[bytes] = []
