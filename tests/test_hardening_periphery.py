@@ -588,11 +588,16 @@ asyncio.run(main())
 """
 
 
-def test_allow_downgrade_reaches_aiosqlite_worker_thread(tmp_path: Path) -> None:
+@pytest.mark.parametrize("route", ["install", "environment"])
+def test_allow_downgrade_reaches_aiosqlite_worker_thread(tmp_path: Path, route: str) -> None:
     pytest.importorskip("aiosqlite")
     db = tmp_path / "a.db"
     make_db(db, "wal")
-    proc = child(AIOSQLITE, cwd=tmp_path, timeout=60, WALPATCH_LOG_LEVEL="ERROR")
+    if route == "install":
+        proc = child(AIOSQLITE, cwd=tmp_path, timeout=60, WALPATCH_LOG_LEVEL="ERROR")
+    else:  # the .pth route: walpatch installs while aiosqlite imports sqlite3
+        proc = child(AIOSQLITE.replace("walpatch.install()\n", ""), cwd=tmp_path, timeout=60,
+                     WALPATCH="1", WALPATCH_LOG_LEVEL="ERROR")
     assert proc.returncode == 0, proc.stderr
     out = last_json(proc.stdout)
     # main: "inside" was refused too (the worker thread did not see allow_downgrade())

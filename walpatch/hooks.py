@@ -97,11 +97,11 @@ def _make_wrapper(dbapi: ModuleType) -> Any:
                 given = kwargs.get("factory", default)
                 new_args, new_kwargs = args, dict(kwargs)
                 new_kwargs["factory"] = _guard_factory(factory, given, dbapi)
-            if _aiosqlite_pending:
-                _bridge_aiosqlite()
         except Exception as exc:
             _fall_back(exc)
             return wrapped(*args, **kwargs)
+        if _aiosqlite_pending:
+            _bridge_aiosqlite()
         conn = wrapped(*new_args, **new_kwargs)
         try:
             database = args[0] if args else kwargs.get("database")
@@ -168,12 +168,15 @@ def _guard_result(conn: Any, given: Any, guarded_class: Callable[..., Any],
             and not cls.__flags__ & _IMMUTABLETYPE:
         guarded = guarded_class(cls, dbapi)
         if guarded is not cls:
-            variant = _reclass_variant(guarded, GUARDED_MARK)
+            variant = _reclass_variant(guarded)
             try:
                 conn.__class__ = variant
                 return True
             except TypeError:
                 pass
+    inner = given.func if isinstance(given, functools.partial) else given
+    if isinstance(inner, type):
+        return False  # a class walpatch could not subclass: reported as unguardable-class
     from .events import emit
 
     name = _describe(given)
@@ -185,7 +188,7 @@ def _guard_result(conn: Any, given: Any, guarded_class: Callable[..., Any],
     return False
 
 
-def _reclass_variant(guarded: type, mark: str) -> type:
+def _reclass_variant(guarded: type) -> type:
     variant = _reclass_variants.get(guarded)
     if variant is None:
         namespace = {k: v for k, v in guarded.__dict__.items()
@@ -219,6 +222,21 @@ _aiosqlite_patched: List[Tuple[type, Any, Any]] = []
 
 
 def _bridge_aiosqlite() -> None:
+    """Wrap ``aiosqlite.core.Connection._execute`` once aiosqlite is imported (checked at
+    each connect() until then: one dict lookup). A failure is said once and not retried."""
+    global _aiosqlite_pending
+    try:
+        _bridge_aiosqlite_now()
+    except Exception as exc:  # noqa: BLE001 - never the application's error
+        _aiosqlite_pending = False
+        try:
+            sys.stderr.write(f"walpatch: cannot carry allow_downgrade() into aiosqlite's "
+                             f"worker thread: {exc!r}\n")
+        except Exception:  # noqa: BLE001
+            pass
+
+
+def _bridge_aiosqlite_now() -> None:
     global _aiosqlite_pending
     core = sys.modules.get("aiosqlite.core")
     cls = getattr(core, "Connection", None) if core is not None else None
