@@ -730,3 +730,10 @@ def test_install_keyword_numbers_are_still_accepted() -> None:
     config, warnings = build_config({"retry_attempts": "１２"}, environ={})
     assert config.retry_attempts == 5 and len(warnings) == 1
 
+
+
+def test_hooks_guarded_mark_matches_connection() -> None:
+    """hooks.py names the mark without importing connection.py (the guard loads lazily)."""
+    from walpatch import connection, hooks
+
+    assert hooks._GUARDED_MARK == connection.GUARDED_MARK

@@ -88,24 +88,31 @@ def _make_wrapper(dbapi: ModuleType) -> Any:
                 # One item, replaced whole: threads racing through here store the same pair.
                 loaded[:] = [(guarded_connection_class, count)]
             factory, count = loaded[0]
-            if len(args) > FACTORY_POSITION:
-                given = args[FACTORY_POSITION]
-                guarded = _guard_factory(factory, given, dbapi)
-                new_args = args[:FACTORY_POSITION] + (guarded,) + args[FACTORY_POSITION + 1:]
-                new_kwargs = kwargs
+            positional = len(args) > FACTORY_POSITION
+            given = args[FACTORY_POSITION] if positional else kwargs.get("factory", default)
+            if isinstance(given, functools.partial):
+                guarded = _guard_partial(factory, given, dbapi)
             else:
-                given = kwargs.get("factory", default)
-                new_args, new_kwargs = args, dict(kwargs)
-                new_kwargs["factory"] = _guard_factory(factory, given, dbapi)
+                guarded = factory(given, dbapi)
+            if _aiosqlite_pending:
+                _bridge_aiosqlite()
         except Exception as exc:
             _fall_back(exc)
             return wrapped(*args, **kwargs)
-        if _aiosqlite_pending:
-            _bridge_aiosqlite()
-        conn = wrapped(*new_args, **new_kwargs)
-        try:
-            database = args[0] if args else kwargs.get("database")
-            if _guard_result(conn, given, factory, dbapi, database):
+        if positional:
+            args = args[:FACTORY_POSITION] + (guarded,) + args[FACTORY_POSITION + 1:]
+        else:
+            kwargs["factory"] = guarded
+        conn = wrapped(*args, **kwargs)
+        if getattr(type(conn), _GUARDED_MARK, False):
+            try:  # no __init__ override: one Python frame less on every connect
+                conn._walpatch_database = args[0] if args else kwargs.get("database")
+            except AttributeError:
+                pass
+            count("connections")
+            return conn
+        try:  # a factory that is not a class made it: guard it if its class allows
+            if _guard_result(conn, given, factory, dbapi):
                 count("connections")
         except Exception as exc:  # the connection is the application's: hand it over
             _fall_back(exc)
@@ -132,16 +139,16 @@ def _fall_back(exc: BaseException) -> None:
         pass
 
 
-def _guard_factory(guarded_class: Callable[..., Any], given: Any, dbapi: ModuleType) -> Any:
-    """The factory to pass on: the guarded subclass of a Connection class, the same for the
-    class inside a ``functools.partial`` (its arguments kept); anything else unchanged (its
-    result is guarded afterwards where possible, see ``_guard_result``)."""
-    if isinstance(given, functools.partial) and isinstance(given.func, type):
+def _guard_partial(guarded_class: Callable[..., Any], given: functools.partial,
+                   dbapi: ModuleType) -> Any:
+    """A ``functools.partial`` of a Connection class: the same partial (arguments kept) of
+    its guarded subclass; any other partial unchanged (its result is guarded afterwards where
+    possible, see ``_guard_result``)."""
+    if isinstance(given.func, type):
         inner = guarded_class(given.func, dbapi)
         if inner is not given.func:
             return functools.partial(inner, *given.args, **given.keywords)
-        return given
-    return guarded_class(given, dbapi)
+    return given
 
 
 #: guarded class -> the same class without its own slot, for re-classing an object made by an
@@ -150,18 +157,10 @@ _reclass_variants: Dict[type, type] = {}
 
 
 def _guard_result(conn: Any, given: Any, guarded_class: Callable[..., Any],
-                  dbapi: ModuleType, database: Any) -> bool:
-    """True when ``conn`` is guarded (made so here if need be); reports once per factory
-    when it cannot be."""
-    from .connection import GUARDED_MARK
-
+                  dbapi: ModuleType) -> bool:
+    """Guard ``conn``, made unguarded by a factory that is not a class; True when done.
+    Reports once per factory when it cannot be."""
     cls = type(conn)
-    if getattr(cls, GUARDED_MARK, False):
-        try:  # no __init__ override: one Python frame less on every connect
-            conn._walpatch_database = database
-        except AttributeError:
-            pass
-        return True
     # A factory that is not a class (a lambda, a function, a partial of a function) made
     # the connection itself: switch the object to the guarded subclass of its own class.
     if isinstance(conn, dbapi.Connection) and cls.__flags__ & _HEAPTYPE \
@@ -207,6 +206,7 @@ def _describe(factory: Any) -> str:
     return f"{module}.{name}" if module else str(name)
 
 
+_GUARDED_MARK = "_walpatch_guarded"  # connection.GUARDED_MARK (not imported: lazy guard)
 _HEAPTYPE = 1 << 9
 _IMMUTABLETYPE = 1 << 8
 _MEMBER_DESCRIPTOR = type(type("_Slotted", (), {"__slots__": ("x",)}).__dict__["x"])
