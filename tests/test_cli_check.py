@@ -252,7 +252,9 @@ def test_usage_errors() -> None:
     proc = check()
     assert proc.returncode == 2 and "the following arguments are required" in proc.stderr
     proc = check("--timeout", "-1", "x.db")
-    assert proc.returncode == 2 and proc.stderr == "walpatch check: --timeout must be >= 0\n"
+    assert proc.returncode == 2 and proc.stderr == (
+        "walpatch check: --timeout '-1': expected a number of seconds greater than 0 and at "
+        "most 86400 (one day), such as 5\n")
 
 
 # ---- databases in use -----------------------------------------------------------------------

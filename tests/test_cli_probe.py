@@ -192,7 +192,10 @@ def test_missing_directory_and_file(tmp_path: Path) -> None:
     assert not missing.exists()
     (tmp_path / "f.txt").write_text("x")
     proc = probe("--json", str(tmp_path / "f.txt"))
-    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.returncode == 2
+    assert json.loads(proc.stdout) == {  # issue 10 item 17: a JSON reader gets JSON
+        "walpatch_probe": 1, "exit_code": 2, "directory": str(tmp_path / "f.txt"),
+        "error": f"{tmp_path / 'f.txt'}: not a directory"}
     assert proc.stderr == f"walpatch probe: {tmp_path / 'f.txt'}: not a directory\n"
     assert sorted(os.listdir(tmp_path)) == ["f.txt"]
 

@@ -26,10 +26,10 @@ def test_environment_and_keywords_merge_keywords_win():
 
 
 @pytest.mark.parametrize("var,value,accepted", [
-    ("WALPATCH_RETRY_ATTEMPTS", "five", "a whole number >= 1"),
+    ("WALPATCH_RETRY_ATTEMPTS", "five", "a whole number from 1 to 1000 in ASCII digits"),
     ("WALPATCH_RETRY_ATTEMPTS", "0", "a whole number from 1 to 1000"),
     ("WALPATCH_RETRY_INITIAL_DELAY", "-1", "a number of seconds from 0 to 3600"),
-    ("WALPATCH_RETRY_TOTAL_TIMEOUT", "soon", "a number of seconds >= 0"),
+    ("WALPATCH_RETRY_TOTAL_TIMEOUT", "soon", "a number of seconds from 0 to 3600"),
     ("WALPATCH_ALLOW_DOWNGRADE", "maybe", "a boolean"),
     ("WALPATCH_LOG_LEVEL", "LOUD", "one of DEBUG, INFO"),
     ("WALPATCH", "enforec", "one of enforce, observe"),

@@ -7,6 +7,7 @@ accepted) and the default is used instead. Protection stays on.
 from __future__ import annotations
 
 import os
+import re
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 ENFORCE = "enforce"
@@ -110,27 +111,41 @@ def _parse_mode(raw: str) -> str:
     raise ValueError("one of enforce, observe (or 1/on/true for enforce)")
 
 
+# ASCII digits only: int() and float() also accept other scripts' digits ("١٢", "５") and
+# underscores ("1_000"), which nobody means in a setting (issue 10, item 17).
+_INT_RE = re.compile(r"[+]?[0-9]+\Z")
+_FLOAT_RE = re.compile(r"[+]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?\Z")
+
+
 def _parse_int_at_least_1(raw: Any) -> int:
+    expected = "a whole number from 1 to 1000 in ASCII digits, such as 5"
     if isinstance(raw, bool):
-        raise ValueError("a whole number >= 1")
-    try:
-        value = int(str(raw).strip())
-    except ValueError:
-        raise ValueError("a whole number >= 1") from None
+        raise ValueError(expected)
+    if isinstance(raw, int):
+        value = raw
+    else:
+        text = str(raw).strip()
+        if not _INT_RE.match(text):
+            raise ValueError(expected)
+        value = int(text)
     if value < 1 or value > 1000:
-        raise ValueError("a whole number from 1 to 1000")
+        raise ValueError(expected)
     return value
 
 
 def _parse_seconds(raw: Any) -> float:
+    expected = "a number of seconds from 0 to 3600 in ASCII digits, such as 0.05"
     if isinstance(raw, bool):
-        raise ValueError("a number of seconds >= 0, such as 0.05")
-    try:
-        value = float(str(raw).strip())
-    except ValueError:
-        raise ValueError("a number of seconds >= 0, such as 0.05") from None
-    if not (0.0 <= value <= 3600.0):
-        raise ValueError("a number of seconds from 0 to 3600")
+        raise ValueError(expected)
+    if isinstance(raw, (int, float)):
+        value = float(raw)
+    else:
+        text = str(raw).strip()
+        if not _FLOAT_RE.match(text):
+            raise ValueError(expected)
+        value = float(text)
+    if not (0.0 <= value <= 3600.0):  # also rejects nan
+        raise ValueError(expected)
     return value
 
 
@@ -153,7 +168,20 @@ def _parse_globs(raw: Any) -> Tuple[str, ...]:
         items = raw.split(os.pathsep)
     else:
         raise ValueError(f"a list of path globs or a string of globs separated by {os.pathsep!r}")
-    return tuple(os.path.expanduser(x.strip()) for x in items if x.strip())
+    return tuple(_anchor(os.path.expanduser(x.strip())) for x in items if x.strip())
+
+
+def _anchor(glob: str) -> str:
+    """A relative glob (``a.db``, ``data/*.db``) names files under the working directory at
+    install time, as a relative path would: the guard matches absolute paths, so unanchored it
+    would match nothing (issue 10, item 4). A glob that starts with a wildcard (``*.db``)
+    already matches anywhere (``*`` matches ``/``) and is kept as it is."""
+    if os.path.isabs(glob) or glob[:1] in ("*", "?", "["):
+        return glob
+    try:
+        return os.path.join(os.getcwd(), glob)
+    except OSError:  # the working directory is gone: keep it (it can match nothing)
+        return glob
 
 
 def _parse_markers(raw: Any) -> Tuple[str, ...]:

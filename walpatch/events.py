@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 import threading
 import time
 from typing import Any, Dict, Optional, Set, Tuple
@@ -21,6 +22,7 @@ _counters: Dict[str, int] = {}
 _warned: Set[Tuple[str, str]] = set()
 _sink_fd: Optional[int] = None
 _sink_path: Optional[str] = None
+_sink_write_warned = False  # one warning per process when writes to the event file fail
 
 # Counter names, documented in README ("stats()").
 COUNTERS = (
@@ -44,6 +46,7 @@ COUNTERS = (
     "wal_avoided",
     "observed_would_avoid",
     "wal_reset_bug_warnings",
+    "events_dropped",
 )
 
 
@@ -70,9 +73,11 @@ def open_sink(path: Optional[str]) -> Optional[str]:
     """Start appending events as JSON lines to ``path``; returns an error text or None.
 
     The file is created owner-only (0600) and a symlink at ``path`` is refused (O_NOFOLLOW),
-    so a shared directory cannot be used to redirect the events into another file.
+    so a shared directory cannot be used to redirect the events into another file. Only a
+    regular file is accepted, opened non-blocking: a FIFO, a terminal or a device could stall
+    the application in ``import sqlite3`` or in ``execute`` (issue 10, item 6).
     """
-    global _sink_fd, _sink_path
+    global _sink_fd, _sink_path, _sink_write_warned
     with _lock:
         if path == _sink_path:
             return None
@@ -81,17 +86,64 @@ def open_sink(path: Optional[str]) -> Optional[str]:
             _sink_fd, _sink_path = None, None
         if path is None:
             return None
-        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_CLOEXEC", 0)
-        flags |= getattr(os, "O_NOFOLLOW", 0)
-        try:
-            _sink_fd = os.open(path, flags, 0o600)
+        refused = (f"walpatch: WALPATCH_EVENT_FILE {path!r} is not a regular file "
+                   "(a FIFO, device or directory could block the application); "
+                   "events go to the log only")
+        try:  # before open(): opening a FIFO or a device may have side effects of its own
+            if not stat.S_ISREG(os.lstat(path).st_mode):
+                return refused
+        except FileNotFoundError:
+            pass
         except OSError as exc:
-            return (
-                f"walpatch: cannot open WALPATCH_EVENT_FILE {path!r}: {exc.strerror or exc} "
-                "(a symlink is refused; the directory must exist); events go to the log only"
-            )
-        _sink_path = path
+            return _cannot_open(path, exc)
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_CLOEXEC", 0)
+        flags |= getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+        try:
+            fd = os.open(path, flags, 0o600)
+        except OSError as exc:
+            return _cannot_open(path, exc)
+        try:  # the path may have been swapped between lstat() and open()
+            regular = stat.S_ISREG(os.fstat(fd).st_mode)
+        except OSError:
+            regular = False
+        if not regular:
+            os.close(fd)  # a FIFO or device we just opened; never a database
+            return refused
+        _sink_fd, _sink_path = fd, path
+        _sink_write_warned = False
         return None
+
+
+def _cannot_open(path: str, exc: OSError) -> str:
+    return (
+        f"walpatch: cannot open WALPATCH_EVENT_FILE {path!r}: {exc.strerror or exc} "
+        "(a symlink is refused; the directory must exist); events go to the log only"
+    )
+
+
+def _write_line(fd: int, data: bytes) -> None:
+    """Write one event line without ever waiting; count it as dropped when it cannot be
+    written whole at once (the line is then lost, the application goes on)."""
+    global _sink_write_warned
+    try:
+        written = os.write(fd, data)
+        if written == len(data):
+            return
+        problem = f"short write ({written} of {len(data)} bytes)"
+    except BlockingIOError:
+        problem = "the file would block"
+    except OSError as exc:
+        problem = str(exc.strerror or exc).lower()
+    with _lock:
+        _counters["events_dropped"] = _counters.get("events_dropped", 0) + 1
+        if _sink_write_warned:
+            return
+        _sink_write_warned = True
+    # Straight to the logger (not emit()): a failing sink must not feed on itself.
+    logger.warning(
+        "walpatch: cannot write to WALPATCH_EVENT_FILE %r: %s; events that cannot be written "
+        "are dropped and counted in stats()['events_dropped'] (warned once)",
+        _sink_path, problem)
 
 
 def emit(
@@ -121,7 +173,4 @@ def emit(
         import json  # only with an event file: json costs a millisecond at import
 
         line = json.dumps(dict(record, message=message), default=str, sort_keys=True) + "\n"
-        try:
-            os.write(fd, line.encode("utf-8", "replace"))
-        except OSError:
-            pass
+        _write_line(fd, line.encode("utf-8", "replace"))

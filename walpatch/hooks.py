@@ -14,6 +14,8 @@ wrapper of another kind it cannot, and ours stays there disabled.
 """
 from __future__ import annotations
 
+import functools
+import logging
 import sys
 import threading
 import warnings
@@ -70,14 +72,6 @@ def _make_wrapper(dbapi: ModuleType) -> Any:
     def connect_wrapper(
         wrapped: Any, instance: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any]
     ) -> Any:
-        if not loaded:
-            from .connection import guarded_connection_class
-            from .events import count
-            from .sqliteinfo import watch_connect
-
-            # One item, replaced whole: threads racing through here all store the same tuple.
-            loaded[:] = [(guarded_connection_class, count, watch_connect)]
-        factory, count, watch = loaded[0]
         # (Not when the factory itself is positional: sqlite3 then passes the arguments on
         # positionally and the factory's __init__ warns too; keywords would lose that.)
         if (warn_positional and 1 < len(args) <= FACTORY_POSITION
@@ -85,22 +79,209 @@ def _make_wrapper(dbapi: ModuleType) -> Any:
             warnings.warn(_POSITIONAL_WARNING, DeprecationWarning, stacklevel=2)
             kwargs.update(zip(_CONNECT_PARAMETERS, args[1:]))
             args = args[:1]
-        if len(args) > FACTORY_POSITION:
-            guarded = factory(args[FACTORY_POSITION], dbapi)
+        # walpatch's own failures (a broken install, the descriptor limit while the guard
+        # is imported) never become the application's: this call runs plain (issue 10, item 7).
+        try:
+            if not loaded:
+                from .connection import guarded_connection_class
+                from .events import count
+                from .sqliteinfo import watch_connect
+
+                # One item, replaced whole: threads racing through here all store the same tuple.
+                loaded[:] = [(guarded_connection_class, count, watch_connect)]
+            factory, count, watch = loaded[0]
+            positional = len(args) > FACTORY_POSITION
+            given = args[FACTORY_POSITION] if positional else kwargs.get("factory", default)
+            if isinstance(given, functools.partial):
+                guarded = _guard_partial(factory, given, dbapi)
+            else:
+                guarded = factory(given, dbapi)
+            if _aiosqlite_pending:
+                _bridge_aiosqlite()
+        except Exception as exc:
+            _fall_back(exc)
+            return wrapped(*args, **kwargs)
+        if positional:
             args = args[:FACTORY_POSITION] + (guarded,) + args[FACTORY_POSITION + 1:]
         else:
-            kwargs["factory"] = factory(kwargs.get("factory", default), dbapi)
+            kwargs["factory"] = guarded
         conn = wrapped(*args, **kwargs)
-        try:  # no __init__ override: one Python frame less on every connect
-            conn._walpatch_database = args[0] if args else kwargs.get("database")
-        except AttributeError:
-            pass  # a factory walpatch could not guard
-        else:
+        if getattr(type(conn), _GUARDED_MARK, False):
+            try:  # no __init__ override: one Python frame less on every connect
+                conn._walpatch_database = args[0] if args else kwargs.get("database")
+            except AttributeError:
+                pass
             count("connections")
             watch(dbapi, conn._walpatch_database)  # WAL-reset bug: a WAL file is WAL use
+            return conn
+        try:  # a factory that is not a class made it: guard it if its class allows
+            if _guard_result(conn, given, factory, dbapi):
+                count("connections")
+                watch(dbapi, args[0] if args else kwargs.get("database"))
+        except Exception as exc:  # the connection is the application's: hand it over
+            _fall_back(exc)
         return conn
 
     return connect_wrapper
+
+
+_fell_back = False
+
+
+def _fall_back(exc: BaseException) -> None:
+    """One line on stderr, once per process; the next connect() tries the guard again."""
+    global _fell_back
+    if _fell_back:
+        return
+    _fell_back = True
+    try:
+        sys.stderr.write(
+            f"walpatch: cannot load its guard ({type(exc).__name__}: {exc}); this connection "
+            "is NOT guarded (plain sqlite3); walpatch tries again at the next connect() "
+            "(said once)\n")
+    except Exception:  # noqa: BLE001 - no stderr: nothing more to do
+        pass
+
+
+def _guard_partial(guarded_class: Callable[..., Any], given: functools.partial,
+                   dbapi: ModuleType) -> Any:
+    """A ``functools.partial`` of a Connection class: the same partial (arguments kept) of
+    its guarded subclass; any other partial unchanged (its result is guarded afterwards where
+    possible, see ``_guard_result``)."""
+    if isinstance(given.func, type):
+        inner = guarded_class(given.func, dbapi)
+        if inner is not given.func:
+            return functools.partial(inner, *given.args, **given.keywords)
+    return given
+
+
+#: guarded class -> the same class without its own slot, for re-classing an object made by an
+#: opaque factory (``obj.__class__ = ...`` needs the very same layout).
+_reclass_variants: Dict[type, type] = {}
+
+
+def _guard_result(conn: Any, given: Any, guarded_class: Callable[..., Any],
+                  dbapi: ModuleType) -> bool:
+    """Guard ``conn``, made unguarded by a factory that is not a class; True when done.
+    Reports once per factory when it cannot be."""
+    cls = type(conn)
+    # A factory that is not a class (a lambda, a function, a partial of a function) made
+    # the connection itself: switch the object to the guarded subclass of its own class.
+    if isinstance(conn, dbapi.Connection) and cls.__flags__ & _HEAPTYPE \
+            and not cls.__flags__ & _IMMUTABLETYPE:
+        guarded = guarded_class(cls, dbapi)
+        if guarded is not cls:
+            variant = _reclass_variant(guarded)
+            try:
+                conn.__class__ = variant
+                return True
+            except TypeError:
+                pass
+    inner = given.func if isinstance(given, functools.partial) else given
+    if isinstance(inner, type):
+        return False  # a class walpatch could not subclass: reported as unguardable-class
+    from .events import emit
+
+    name = _describe(given)
+    emit("unguardable-factory", logging.WARNING,
+         f"walpatch: connect(factory={name}) returned a {cls.__module__}.{cls.__qualname__} "
+         "that walpatch cannot guard (pass a sqlite3.Connection subclass as factory, or have "
+         "the factory return an instance of one); its connections are NOT guarded",
+         dedupe_key=name, outcome="unguarded")
+    return False
+
+
+def _reclass_variant(guarded: type) -> type:
+    variant = _reclass_variants.get(guarded)
+    if variant is None:
+        namespace = {k: v for k, v in guarded.__dict__.items()
+                     if k not in ("__slots__", "__dict__", "__weakref__")
+                     and not isinstance(v, _MEMBER_DESCRIPTOR)}
+        namespace["__slots__"] = ()
+        variant = type(guarded.__name__, guarded.__bases__, namespace)
+        with _lock:
+            variant = _reclass_variants.setdefault(guarded, variant)
+    return variant
+
+
+def _describe(factory: Any) -> str:
+    name = getattr(factory, "__qualname__", None) or type(factory).__qualname__
+    module = getattr(factory, "__module__", None)
+    return f"{module}.{name}" if module else str(name)
+
+
+_GUARDED_MARK = "_walpatch_guarded"  # connection.GUARDED_MARK (not imported: lazy guard)
+_HEAPTYPE = 1 << 9
+_IMMUTABLETYPE = 1 << 8
+_MEMBER_DESCRIPTOR = type(type("_Slotted", (), {"__slots__": ("x",)}).__dict__["x"])
+
+
+# --- aiosqlite: carry allow_downgrade() into its worker thread (issue 10, item 15) ---------
+# aiosqlite runs every call in one worker thread per connection, fed by a queue: the
+# contextvars of the task that made the call (so allow_downgrade()) do not reach it. Its
+# Connection._execute(fn, *args) is where a call is queued, in the caller's context; there
+# a call made inside allow_downgrade() is wrapped to run inside allow_downgrade() too.
+_aiosqlite_pending = True
+_aiosqlite_patched: List[Tuple[type, Any, Any]] = []
+
+
+def _bridge_aiosqlite() -> None:
+    """Wrap ``aiosqlite.core.Connection._execute`` once aiosqlite is imported (checked at
+    each connect() until then: one dict lookup). A failure is said once and not retried."""
+    global _aiosqlite_pending
+    try:
+        _bridge_aiosqlite_now()
+    except Exception as exc:  # noqa: BLE001 - never the application's error
+        _aiosqlite_pending = False
+        try:
+            sys.stderr.write(f"walpatch: cannot carry allow_downgrade() into aiosqlite's "
+                             f"worker thread: {exc!r}\n")
+        except Exception:  # noqa: BLE001
+            pass
+
+
+def _bridge_aiosqlite_now() -> None:
+    global _aiosqlite_pending
+    core = sys.modules.get("aiosqlite.core")
+    cls = getattr(core, "Connection", None) if core is not None else None
+    original = getattr(cls, "_execute", None) if cls is not None else None
+    if original is None:
+        return  # not imported (yet), or a version without this method: try at next connect
+    with _lock:
+        if not _aiosqlite_pending:
+            return
+        _aiosqlite_pending = False
+        if isinstance(cls, type) and "_execute" in cls.__dict__:
+            import wrapt
+
+            ours = wrapt.FunctionWrapper(original, _aiosqlite_execute)
+            setattr(cls, "_execute", ours)
+            _aiosqlite_patched.append((cls, original, ours))
+
+
+def _aiosqlite_execute(wrapped: Any, instance: Any, args: Tuple[Any, ...],
+                       kwargs: Dict[str, Any]) -> Any:
+    if args and _active:
+        from .runtime import downgrade_allowed_in_context
+
+        if downgrade_allowed_in_context():
+            args = (_AllowedCall(args[0]),) + args[1:]
+    return wrapped(*args, **kwargs)
+
+
+class _AllowedCall:
+    """``fn`` run inside ``allow_downgrade()`` (in aiosqlite's worker thread)."""
+
+    __slots__ = ("fn",)
+
+    def __init__(self, fn: Any) -> None:
+        self.fn = fn
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        from .runtime import allow_downgrade
+
+        with allow_downgrade():
+            return self.fn(*args, **kwargs)
 
 
 _reentry = threading.local()
@@ -210,6 +391,16 @@ def unpatch() -> None:
                 pass
         _patched.clear()
         del _errors[:]
+        _unbridge_aiosqlite()
+
+
+def _unbridge_aiosqlite() -> None:
+    global _aiosqlite_pending
+    for cls, original, ours in _aiosqlite_patched:
+        if cls.__dict__.get("_execute") is ours:  # else someone wrapped on top: leave it
+            setattr(cls, "_execute", original)
+    _aiosqlite_patched.clear()
+    _aiosqlite_pending = True
 
 
 def hooked_modules() -> List[str]:

@@ -23,6 +23,7 @@ import errno
 import fcntl
 import json
 import os
+import re
 import stat
 import sys
 from typing import Any, Dict, List, Optional, Tuple
@@ -265,6 +266,14 @@ def inspect_raw(path: str) -> Dict[str, Any]:
     out["sidecars"] = {"wal": wal, "shm": shm, "journal": journal}
     locks["shm"] = shm_holder
     holders = sorted({p for p in locks.values() if p is not None})
+    unreadable = [f"-{k}" for k, sc in out["sidecars"].items() if sc.get("error")]
+    for name in unreadable:
+        sc = out["sidecars"][name[1:]]
+        problems.append(f"the {name} file cannot be inspected: {_sidecar_trouble(sc['error'])}")
+    if lock_error is None and shm.get("error") and not holders:
+        # Nobody holds a lock on the database file, but whether a process uses the -shm
+        # (a WAL reader between transactions) could not be asked: do not say "no".
+        lock_error = f"the -shm file cannot be opened: {shm['error']}"
     out["locks"] = {"error": lock_error, **locks}
     out["in_use"] = None if lock_error else bool(holders)
     out["lock_holders"] = holders
@@ -297,9 +306,22 @@ def ro_uri(path: str, how: str = "ro") -> str:
     return f"file://{encoded}?{_URI_PARAMS[how]}"
 
 
+def _sidecar_trouble(error: str) -> str:
+    if error == "not a regular file":
+        return "not a regular file (a FIFO or device: SQLite would block on it or misuse it)"
+    if error == "permission denied":
+        return "permission denied (run the check as a user who can read it)"
+    return error
+
+
 def _integrity_plan(raw: Dict[str, Any]) -> Tuple[Optional[str], str]:
     """(how to open, why) — None when a read-only check would have to create something."""
     sc = raw["sidecars"]
+    for suffix in ("wal", "shm", "journal"):
+        error = sc[suffix].get("error")
+        if error:  # SQLite would open it: a FIFO blocks it for good, an unreadable one fails
+            return None, f"the -{suffix} file cannot be used by a read-only check: " \
+                         f"{_sidecar_trouble(error)}"
     wal, shm = bool(sc["wal"].get("exists")), bool(sc["shm"].get("exists"))
     if raw["size"] == 0:
         return None, "the file is empty: there is nothing to check"
@@ -438,10 +460,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="with --integrity: run integrity_check instead (slower)")
     parser.add_argument("--expect", choices=("wal", "rollback"),
                         help="exit 1 when a file's header is not in this journal mode")
-    parser.add_argument("--timeout", type=float, default=5.0, metavar="SECONDS",
-                        help="how long the integrity check waits for a lock (default 5)")
+    parser.add_argument("--timeout", default="5", metavar="SECONDS",
+                        help="how long the integrity check waits for a lock: more than 0, "
+                             f"at most {MAX_TIMEOUT:g} (default 5)")
     parser.add_argument("--json", action="store_true",
                         help="print one JSON object (shape in docs/cli.md)")
+
+
+#: The longest --timeout: SQLite's busy timeout is an int of milliseconds, and Python turns
+#: inf, nan or more than about 24.8 days into no wait at all (issue 10, item 10).
+MAX_TIMEOUT = 86400.0
+
+
+def parse_timeout(raw: Any) -> Optional[float]:
+    """``raw`` as seconds when finite, > 0 and <= MAX_TIMEOUT (ASCII digits only), else None."""
+    text = str(raw).strip()
+    if not re.match(r"([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?\Z", text):
+        return None
+    value = float(text)
+    return value if 0.0 < value <= MAX_TIMEOUT else None
 
 
 def _exit_code(results: List[Dict[str, Any]]) -> int:
@@ -550,9 +587,13 @@ def run(args: argparse.Namespace) -> int:
     # (A reader that leaves, `walpatch ... | head`, is handled once in cli.main.)
     if args.full and not args.integrity:
         args.integrity = True
-    if args.timeout < 0:
-        print("walpatch check: --timeout must be >= 0", file=sys.stderr)
+    timeout = parse_timeout(args.timeout)
+    if timeout is None:
+        print(f"walpatch check: --timeout {args.timeout!r}: expected a number of seconds "
+              f"greater than 0 and at most {MAX_TIMEOUT:g} (one day), such as 5",
+              file=sys.stderr)
         return EXIT_USAGE
+    args.timeout = timeout
     integrity = ("full" if args.full else "quick") if args.integrity else None
     results = []
     for path in args.paths:

@@ -396,7 +396,10 @@ def demo(keep: bool = False, parent: Optional[str] = None, on_refusal: str = "ra
         raise DemoError(f"cannot inject a real fault here: {how}. Nothing is simulated; "
                         "install libfiu and run the demo again")
     if parent is not None and not os.path.isdir(parent):
-        raise DemoError(f"--dir {parent}: no such directory")
+        raise DemoError(f"--dir {parent}: " + ("not a directory (give the directory to create "
+                                               "the scratch directory in)"
+                                               if os.path.lexists(parent)
+                                               else "no such directory"))
     try:
         scratch = tempfile.mkdtemp(prefix="walpatch-demo-", dir=parent)
     except OSError as exc:

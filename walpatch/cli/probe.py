@@ -21,6 +21,7 @@ import errno
 import json
 import os
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
@@ -123,16 +124,51 @@ def find_mount(mounts: List[Dict[str, Any]], path: str, st_dev: int) -> Optional
     return best[1] if best else None
 
 
+#: A mount table larger than this is not one (/dev/zero would be read until MemoryError).
+MAX_MOUNTINFO_BYTES = 16 * 1024 * 1024
+
+
+def read_mount_table(path: str) -> str:
+    """The text of a mountinfo file, read without ever blocking (a FIFO or a device is
+    refused) and at most MAX_MOUNTINFO_BYTES; ValueError says what is wrong with it."""
+    flags = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0)
+    fd = os.open(path, flags)  # not a database file
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise ValueError("is a directory")
+        if not stat.S_ISREG(mode):
+            raise ValueError("not a regular file (give a mountinfo file such as "
+                             f"{MOUNTINFO})")
+        chunks: List[bytes] = []
+        size = 0
+        while True:
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                break
+            size += len(chunk)
+            if size > MAX_MOUNTINFO_BYTES:
+                raise ValueError(f"larger than {MAX_MOUNTINFO_BYTES // (1024 * 1024)} MiB: "
+                                 f"not a mount table (give a mountinfo file such as "
+                                 f"{MOUNTINFO})")
+            chunks.append(chunk)
+    finally:
+        os.close(fd)
+    return b"".join(chunks).decode("utf-8", "replace")
+
+
 def filesystem_info(path: str, mountinfo: str) -> Dict[str, Any]:
     info: Dict[str, Any] = {"mountinfo": mountinfo, "error": None, "fs_type": None,
                             "mount_point": None, "source": None, "mount_options": [],
                             "super_options": [], "network": None, "device": None,
                             "notes": []}
     try:
-        with open(mountinfo, "r", errors="replace") as f:  # not a database file
-            text = f.read()
+        text = read_mount_table(mountinfo)
     except OSError as exc:
         info["error"] = f"cannot read {mountinfo}: {(exc.strerror or str(exc)).lower()}"
+        return info
+    except ValueError as exc:
+        info["error"] = f"cannot read {mountinfo}: {exc}"
         return info
     mounts = parse_mountinfo(text)
     if not mounts:
@@ -374,6 +410,11 @@ def probe(directory: str, mountinfo: str = MOUNTINFO, keep: bool = False,
     try:
         scratch = tempfile.mkdtemp(prefix=".walpatch-probe-", dir=directory)
     except OSError as exc:
+        if exc.errno == errno.ENOENT:  # an existing directory that refuses new entries
+            raise ProbeError(f"{directory}: cannot create scratch files there: this "
+                             "filesystem does not allow creating files (a pseudo filesystem "
+                             "such as /proc or /sys?); give a directory where the database "
+                             "would live") from None
         raise ProbeError(f"{directory}: cannot create scratch files there: {_why(exc)}") \
             from None
     result["scratch"] = scratch
@@ -449,6 +490,10 @@ def run(args: argparse.Namespace) -> int:
         result = probe(args.directory, args.mountinfo, keep=args.keep)
     except ProbeError as exc:
         print(f"walpatch probe: {exc}", file=sys.stderr)
+        if args.json:  # a JSON reader gets an answer it can parse, not an empty stdout
+            print(json.dumps({"walpatch_probe": JSON_VERSION, "exit_code": EXIT_USAGE,
+                              "directory": args.directory, "error": str(exc)},
+                             indent=2, sort_keys=True))
         return EXIT_USAGE
     except Exception as exc:  # never a traceback
         print(f"walpatch probe: unexpected error: {type(exc).__name__}: {exc}",

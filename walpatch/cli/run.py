@@ -55,8 +55,11 @@ def child_environment(observe: bool, enforce: bool,
         env["WALPATCH"] = "enforce"
     # else: keep the environment's own enabling value (e.g. WALPATCH=observe)
     here = bootstrap_dir()
-    entries = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
-    if not any(_same_dir(p, here) for p in entries):
+    # Kept exactly, empty entries included: Python reads an empty entry as the current
+    # directory (``PYTHONPATH=:``). Only an unset or empty variable means no entries at all.
+    existing = env.get("PYTHONPATH", "")
+    entries = existing.split(os.pathsep) if existing else []
+    if not any(p and _same_dir(p, here) for p in entries):
         entries.insert(0, here)
     env["PYTHONPATH"] = os.pathsep.join(entries)
     return env
