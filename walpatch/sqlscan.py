@@ -716,31 +716,44 @@ def _scan_exact(sql: str, limit: int, nul: bool) -> Optional[Plan]:
 
 def scan_uncached(sql: str) -> Optional[Plan]:
     """Plan for ``sql``, or None when it asks nothing of the journal mode."""
+    return _scan(sql)[0]
+
+
+def _scan(sql: str) -> Tuple[Optional[Plan], bool]:
+    """(plan, whether the exact scan ran: the text has a place a request could be)."""
     limit = last_site(sql)
     if limit < 0:
-        return None
+        return None, False
     nul = "\0" in sql
     if nul:
         if not _NUL_ENDS_SCRIPT:
-            return None  # ValueError before anything runs
+            return None, False  # ValueError before anything runs
         sql = sql[: sql.index("\0")]
         limit = min(limit, len(sql))
     if not sql.isascii() and _SURROGATE.search(sql):
-        return None  # sqlite3 cannot encode it: it raises before SQLite sees anything
-    return _scan_exact(sql, limit, nul)
+        return None, False  # sqlite3 cannot encode it: it raises before SQLite sees anything
+    return _scan_exact(sql, limit, nul), True
 
 
 _CACHE: Dict[str, Optional[Plan]] = {}
 CACHE_MAX_ENTRIES = 2048
-CACHE_MAX_SQL_LENGTH = 4096
+CACHE_MAX_SQL_LENGTH = 4096  # any result is kept for text up to this length
+#: Longer text is kept only when the exact scan ran (the cheap prefilter found a place a
+#: request could be; otherwise scanning again costs about what hashing it does), up to this
+#: length each, and all keys together up to CACHE_MAX_CHARS characters: bounded by size,
+#: not only by count.
+CACHE_MAX_LONG_SQL_LENGTH = 256 * 1024
+CACHE_MAX_CHARS = 4 * 1024 * 1024
+_cache_chars = 0
 
 
 def scan(sql: object) -> Optional[Plan]:
     """Memoized ``scan_uncached``. Never raises: non-text SQL is left for sqlite3 to reject.
 
-    The cache is bounded both in entries (cleared when full, so f-string SQL that is unique
-    every time cannot grow it) and in key size (long scripts are scanned, not stored).
+    The cache is bounded in entries and in characters (cleared when either is full, so
+    f-string SQL that is unique every time cannot grow it).
     """
+    global _cache_chars
     try:
         return _CACHE[sql]  # type: ignore[index]
     except KeyError:
@@ -749,11 +762,14 @@ def scan(sql: object) -> Optional[Plan]:
         return None
     if not isinstance(sql, str):
         return None
-    plan = scan_uncached(sql)
-    if len(sql) <= CACHE_MAX_SQL_LENGTH:
-        if len(_CACHE) >= CACHE_MAX_ENTRIES:
+    plan, exact = _scan(sql)
+    size = len(sql)
+    if size <= CACHE_MAX_SQL_LENGTH or (exact and size <= CACHE_MAX_LONG_SQL_LENGTH):
+        if len(_CACHE) >= CACHE_MAX_ENTRIES or _cache_chars + size > CACHE_MAX_CHARS:
             _CACHE.clear()
+            _cache_chars = 0
         _CACHE[sql] = plan
+        _cache_chars += size
     return plan
 
 
