@@ -574,19 +574,22 @@ def _attach_op(toks: List[_Token], complete: bool) -> Union[Attach, Detach]:
     file: Optional[str] = None
     schema: Optional[str] = None
     why = []
-    if len(toks) > i + 1 and _word(toks[i + 1]) == "as":
-        file = _attach_name(toks[i])
-        rest = toks[i + 2:]
-        for k, tok in enumerate(rest):
-            if _word(tok) == "key":
-                rest = rest[:k]
-                break
+    as_at = [k for k in range(i, len(toks)) if _word(toks[k]) == "as"]
+    if as_at:
+        if as_at[0] == i + 1:
+            file = _attach_name(toks[i])
+        rest = toks[as_at[-1] + 1:]
+        if len(as_at) == 1:
+            for k, tok in enumerate(rest):
+                if _word(tok) == "key":
+                    rest = rest[:k]
+                    break
         if len(rest) == 1:
             schema = _attach_name(rest[0])
     if file is None:
-        why.append("its file is an expression, a parameter or a keyword")
+        why.append("file is an expression, a parameter or a keyword")
     if schema is None:
-        why.append("its schema name is an expression or a keyword")
+        why.append("schema name is an expression or a keyword")
     return Attach(schema, file, "ATTACH whose " + " and ".join(why) if why else "")
 
 
@@ -687,8 +690,7 @@ def _scan_exact(sql: str, limit: int, nul: bool) -> Optional[Plan]:
         if found is _ERROR:
             only_pragmas = False
             break  # SQLite stops the script here
-        text = sql[start:stop]
-        start = stop
+        begin, start = start, stop  # this statement's text is sql[begin:stop]
         was_first, first = first, False
         if op is not None:
             pending.append(op)
@@ -702,7 +704,7 @@ def _scan_exact(sql: str, limit: int, nul: bool) -> Optional[Plan]:
         if mode is None:
             only_pragmas = False  # a query: it has effects (errors) of its own
             continue
-        request = Request(schema, mode, text)
+        request = Request(schema, mode, sql[begin:stop])
         requests.append(request)
         steps.extend(pending)
         pending = []
