@@ -370,7 +370,6 @@ def _statement(toks: List[_Token], i: int) -> Tuple[int, _Found]:
 # ``$journal_mode`` are not) that may follow ``PRAGMA`` or ``schema.`` (``, journal_mode``,
 # ``SELECT journal_mode`` cannot): a superset of the real requests, checked exactly below.
 
-_JOURNAL_AT = re.compile("journal_mode", re.IGNORECASE | re.ASCII)
 _MODE_TAIL = re.compile("_[mM][oO][dD][eE](?![" + _IDC + "])")
 _IDC_ASCII = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_$")
 _GAP_CHARS = " \t\n\f\r\v\ufeff"
@@ -412,9 +411,10 @@ def _site(sql: str, underscore: int) -> int:
     or -1."""
     p = underscore - 7
     end = underscore + 5
-    if p < 0 or not _JOURNAL_AT.match(sql, p):
+    if p < 0 or (end < len(sql) and _is_idc(sql[end])):  # journal_mode_log, msg_id, ...
         return -1
-    if end < len(sql) and _is_idc(sql[end]):
+    name = sql[p:end]
+    if name != "journal_mode" and not (name.isascii() and name.lower() == "journal_mode"):
         return -1
     if p > 0 and _is_idc(sql[p - 1]) and sql[p - 1] != "\ufeff":  # a BOM may be white space
         return -1
