@@ -5,7 +5,7 @@
 
 Two workloads, each naming a table ``journal_mode_log`` in every statement:
 
-* ``dump_26mb``: one ``executescript`` of a 26 MB dump (CREATE TABLE, BEGIN, ~250,000
+* ``dump_26mb``: one ``executescript`` of a 26 MB dump (CREATE TABLE, BEGIN, ~134,000
   INSERTs, COMMIT) into a new database file;
 * ``insert_8kb_x2000``: 2,000 distinct INSERT statements of 8 KB each through
   ``conn.execute`` in one transaction.

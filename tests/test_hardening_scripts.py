@@ -264,8 +264,29 @@ def _compare_rejections(tmp_path: Path, python: str) -> None:
     assert header(d / "w.db") == (2, 2)
 
 
+def _executemany_of_a_downgrade_is_refused(tmp_path: Path, python: str) -> None:
+    """3.8-3.10 raise "executemany() can only execute DML statements" only *after* running
+    the statement once: plain sqlite3 downgrades the file and then raises. That is no
+    rejection before running, so walpatch guards it (and refuses)."""
+    got = {}
+    for variant in ("plain", "walpatch"):
+        d = tmp_path / f"many-{variant}"
+        d.mkdir()
+        make_db(d / "w.db", "wal")
+        got[variant] = (_run(variant, d, "PRAGMA journal_mode=DELETE", main=str(d / "w.db"),
+                             entry="executemany", python=python), header(d / "w.db"))
+    out, wal_header = got["walpatch"]
+    assert out["refused"] and wal_header == (2, 2), got
+    plain, plain_header = got["plain"]
+    if plain["error"] == "ProgrammingError":  # 3.8-3.10: ran, then raised
+        assert "DML" in plain["message"] and plain_header == (1, 1), got
+    else:  # 3.11+: executemany runs any statement
+        assert plain["error"] is None and plain_header == (1, 1), got
+
+
 def test_sqlite3_rejections_pass_through(tmp_path: Path) -> None:
     _compare_rejections(tmp_path, sys.executable)
+    _executemany_of_a_downgrade_is_refused(tmp_path, sys.executable)
 
 
 def _pyenv(version: str) -> Optional[str]:
@@ -287,6 +308,7 @@ def test_sqlite3_rejections_pass_through_on_older_pythons(tmp_path: Path, versio
                     f"(~/.pyenv/versions/{version}/bin/python -m venv .venv-{version}; "
                     f".venv-{version}/bin/pip install -e .)")
     _compare_rejections(tmp_path, python)
+    _executemany_of_a_downgrade_is_refused(tmp_path, python)
 
 
 # --------------------------------------------------------------------------------------------

@@ -685,17 +685,17 @@ def sqlite3_rejects(
     """Would sqlite3 itself refuse ``execute(sql, *args)`` (or ``executemany``) before
     running anything? Then the guard stays out of the way and sqlite3 raises its own error
     (issue 10 item 12): several statements ("You can only execute one statement at a
-    time"), wrong bindings, bad parameter types, executemany of a non-DML statement on
-    3.8-3.10. Which tails each CPython accepts differs (3.8 rejects a trailing form feed,
-    3.10+ a lone '-'), so sqlite3 is asked, not imitated: the same text with EXPLAIN before
-    the request runs nothing (EXPLAIN only lists the program) and passes through exactly the
-    same checks, with the same parameters. Only done when the text has more than white space
-    and comments after its statement, or parameters other than an empty tuple/list/dict.
+    time"), wrong bindings, bad parameter types. Which tails each CPython accepts differs
+    (3.8 rejects a trailing form feed, 3.10+ a lone '-'), so sqlite3 is asked, not
+    imitated: the same text with EXPLAIN before the request runs nothing (EXPLAIN only lists
+    the program) and passes the same checks, with the same parameters. Only done when the
+    text has more than white space and comments after its statement, or parameters other
+    than an empty tuple/list/dict.
     """
     if runtime.config is None:
         return False
-    if not many and single.clean:
-        if not args:
+    if single.clean:
+        if many or not args:
             return False
         if len(args) == 1 and type(args[0]) in (tuple, list, dict) and not args[0]:
             return False
@@ -708,7 +708,11 @@ def sqlite3_rejects(
         return False
     try:
         if many:
-            cur.executemany(probe, [])  # no parameter set is taken from the caller's iterator
+            # No parameter set (the caller's iterator may be one-shot): only the checks made
+            # when the statement is prepared. Not the "executemany() can only execute DML
+            # statements" of 3.8-3.10: it comes *after* the statement ran (a downgrade is
+            # done by then), so it must be guarded like any other request.
+            cur.executemany(probe, [])
         else:
             cur.execute(probe, *args)
     except kit.usage_errors:
