@@ -57,6 +57,13 @@ def test_verdict_table(version: str, expected: str) -> None:
     assert sqliteinfo.wal_reset_bug(version, "accept") == accepted
 
 
+@pytest.fixture(autouse=True)
+def _default_wal_reset_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    """conftest.py accepts the WAL-reset bug for the rest of the suite; here it is the subject."""
+    monkeypatch.delenv("WALPATCH_WAL_RESET_BUG", raising=False)
+
+
+
 def test_parse_maps_keeps_file_mappings_only() -> None:
     text = (
         "7f0000000000-7f0000001000 r--p 00000000 08:01 123 /usr/lib/x86_64-linux-gnu/"

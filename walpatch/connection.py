@@ -102,10 +102,15 @@ def _like(function: Any, original: Any) -> Any:
 # create closure cells for its variables on *every* call, fast path included.
 def _guarded(kit: guard.Kit, conn: Any, plan: Any, method: Any, target: Any, sql: str,
              args: Tuple[Any, ...], can_retry: bool) -> Any:
+    """execute/executemany of a text holding a request: guarded only when sqlite3 would run
+    it (``plan.single``); what sqlite3 rejects before running anything, sqlite3 rejects."""
+    single = plan.single
+    if single is None or guard.sqlite3_rejects(kit, conn, sql, single, args, not can_retry):
+        return method(target, sql, *args)
     # call() runs the statement; call(text) runs text in its place through the same method
     # and cursor (the guard's answer for on_refusal=keep and wal_reset_bug=avoid).
     return guard.run_statement(
-        kit, conn, plan.requests[0], lambda text=sql: method(target, text, *args),
+        kit, conn, single.request, lambda text=sql: method(target, text, *args),
         can_retry=can_retry)
 
 

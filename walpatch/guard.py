@@ -15,10 +15,10 @@ import sys
 import time
 from typing import Any, Callable, List, NamedTuple, Optional, Tuple, Type
 
+from . import attached, events, ondisk, policy, runtime, sqliteinfo
 from . import classify as _c
-from . import events, ondisk, policy, runtime, sqliteinfo
 from .config import Config
-from .sqlscan import Plan, Request, ascii_lower
+from .sqlscan import Attach, Detach, Plan, Request, Single, ascii_lower
 
 Call = Callable[..., Any]  # call() runs the statement; call(sql) runs sql in its place
 
@@ -213,13 +213,14 @@ def run_script(
     A script made only of journal-mode pragmas is run statement by statement with the full
     guard (retries included), after ``executescript('')`` has done its implicit COMMIT exactly
     as the whole script would have. A mixed script cannot be retried (its other statements
-    may not be idempotent): its downgrades are checked before anything runs, and its WAL
-    requests are checked afterwards and their failures recorded.
+    may not be idempotent): its downgrades are checked before anything runs, against the
+    files each one will reach (``_check_script``: the script's own ATTACH/DETACH replayed),
+    and its WAL requests are checked afterwards and their failures recorded.
     """
     config = runtime.config
     if config is None:
         return run_script_text(sql)
-    if plan.only_journal_pragmas:
+    if plan.only_journal_pragmas:  # (no ATTACH/DETACH in it: each request lists afresh)
         result = run_script_text("")
         for request in plan.requests:
             def _one(stmt: str = request.statement) -> Any:
@@ -227,16 +228,10 @@ def run_script(
 
             run_statement(kit, conn, request, _one, can_retry=True)
         return result
-    wal_targets: List[Tuple[Request, List[Target]]] = []
-    for request in plan.requests:
-        try:
-            targets = _targets(kit, conn, request.schema, config)
-        except kit.error:
-            continue
-        if request.is_wal:
-            wal_targets.append((request, targets))
-        elif targets:
-            _check_downgrade(kit, request, targets, config)
+    try:
+        wal_targets = _check_script(kit, conn, plan, config)
+    except _PassThrough:
+        return run_script_text(sql)
     try:
         result = run_script_text(sql)
     except kit.usage_errors:
@@ -244,16 +239,123 @@ def run_script(
     except kit.error as exc:
         # The error may come from another statement after the WAL request succeeded: record
         # a failure only for files that are not in WAL now.
-        for request, targets in wal_targets:
-            observations = _observe(kit, conn, targets, check_disk=True)
+        observed = _observe_after_script(kit, conn, wal_targets)
+        for request, observations in observed:
             _record_wal_result(conn, [o for o in observations if o.is_wal], attempts=1)
             failed = [o.target for o in observations if not o.is_wal]
             if failed:
                 _record_wal_error(kit, request, failed, exc, config, attempts=1, note=False)
         raise
-    for request, targets in wal_targets:
-        _verify_wal(kit, conn, request, targets, config, attempts=1)
+    for _request, observations in _observe_after_script(kit, conn, wal_targets):
+        _record_wal_result(conn, observations, attempts=1)
     return result
+
+
+def _downgrade_allowed_everywhere(config: Config) -> Optional[str]:
+    """An opt-out that covers every file (not a path glob, which an unknown file cannot
+    match)."""
+    if runtime.downgrade_allowed_in_context():
+        return "walpatch.allow_downgrade()"
+    if config.allow_downgrade:
+        return "WALPATCH_ALLOW_DOWNGRADE"
+    return None
+
+
+def _check_script(
+    kit: Kit, conn: Any, plan: Plan, config: Config,
+) -> List[Tuple[Request, List[Target]]]:
+    """Check a mixed script's downgrades before any of it runs (all or nothing), knowing at
+    each one which files it reaches: the databases attached now, then the script's own
+    ATTACH/DETACH statements replayed in order (attached.py). Refuses (raises) where a
+    downgrade may reach a WAL file, a file it cannot check, or a file that an earlier WAL
+    request of the same script may have switched. Returns the WAL requests' targets."""
+    try:
+        rows: Optional[List[Tuple[str, str]]] = [
+            (r[1], r[2]) for r in _query(kit, conn, "PRAGMA database_list")]
+        listing_error = ""
+    except kit.programming_error:
+        raise _PassThrough from None
+    except kit.error as exc:
+        rows, listing_error = None, f"the attached databases could not be listed ({exc})"
+    try:
+        cwd: Optional[str] = os.getcwd()
+    except OSError:
+        cwd = None
+    smap = attached.ScriptMap(rows or [])
+    wal_targets: List[Tuple[Request, List[Target]]] = []
+    wal_paths: set = set()
+    wal_anywhere = False  # an earlier WAL request may have reached a file not known here
+    for step in plan.steps or plan.requests:
+        if isinstance(step, Attach):
+            smap.attach(step, cwd)
+            continue
+        if isinstance(step, Detach):
+            smap.detach(step)
+            continue
+        request = step
+        found = smap.candidates(request.schema)
+        known = [Target(c.schema, c.path) for c in found
+                 if c.path is not None and not _is_excluded(c.path, config)]
+        unknown = [c for c in found if c.path is None]
+        if request.is_wal:
+            wal_targets.append((request, known))
+            wal_paths.update(t.path for t in known)
+            wal_anywhere = wal_anywhere or bool(unknown) or rows is None
+            continue
+        why = ""
+        where = Target(request.schema or "main", "?")
+        if rows is None:
+            why = listing_error
+        elif unknown:
+            where = Target(unknown[0].schema, "?")
+            why = (f"the script runs an {unknown[0].why}, so which file this statement "
+                   "reaches cannot be known before it runs; walpatch fails closed")
+        else:
+            earlier = [t for t in known if t.path in wal_paths or wal_anywhere]
+            if earlier:
+                where = earlier[0]
+                why = ("an earlier statement of the same script asks for WAL on this file, and "
+                       "a script's downgrades are checked before it runs; run the two apart")
+        if why:
+            if _downgrade_allowed_everywhere(config):
+                events.count("downgrades_allowed")
+                continue
+            _refuse_or_observe(kit, config, request, where,
+                               policy.Decision(policy.REFUSE, why), None)
+            continue
+        if known:
+            _check_downgrade(kit, request, known, config)
+    return wal_targets
+
+
+class _PassThrough(Exception):
+    """The connection cannot even be asked (closed, wrong thread): let sqlite3 say so."""
+
+
+def _observe_after_script(
+    kit: Kit, conn: Any, wal_targets: List[Tuple[Request, List[Target]]],
+) -> List[Tuple[Request, List["_Observation"]]]:
+    """After the script: is each file a WAL request reached in WAL now? Asked through the
+    connection where the schema still names that file, from the header alone where the
+    script detached it (or attached another file under its name)."""
+    if not wal_targets:
+        return []
+    try:
+        now = {ascii_lower(r[1]): r[2] for r in _query(kit, conn, "PRAGMA database_list")}
+    except kit.error:
+        now = {}
+    out = []
+    for request, targets in wal_targets:
+        observations = []
+        for t in targets:
+            disk = ondisk.read_disk_state(t.path)
+            if now.get(ascii_lower(t.schema)) == t.path:
+                mode = _current_mode(kit, conn, t.schema)
+            else:
+                mode = "wal" if disk.mode == ondisk.WAL else disk.mode
+            observations.append(_Observation(t, mode, disk))
+        out.append((request, observations))
+    return out
 
 
 def _check_downgrade(kit: Kit, request: Request, targets: List[Target], config: Config,
@@ -593,3 +695,53 @@ def _revert_without_shared_memory(kit: Kit, conn: Any, schema: str, mode: str = 
     except kit.error:
         return False
     return bool(rows) and ascii_lower(rows[0][0]) == mode
+
+
+def sqlite3_rejects(
+    kit: Kit, conn: Any, sql: str, single: Single, args: Tuple[Any, ...], many: bool,
+) -> bool:
+    """Would sqlite3 itself refuse ``execute(sql, *args)`` (or ``executemany``) before
+    running anything? Then the guard stays out of the way and sqlite3 raises its own error
+    (issue 10 item 12): several statements ("You can only execute one statement at a
+    time"), wrong bindings, bad parameter types. Which tails each CPython accepts differs
+    (3.8 rejects a trailing form feed, 3.10+ a lone '-'), so sqlite3 is asked, not
+    imitated: the same text with EXPLAIN before the request runs nothing (EXPLAIN only lists
+    the program) and passes the same checks, with the same parameters. Only done when the
+    text has more than white space and comments after its statement, or parameters other
+    than an empty tuple/list/dict.
+    """
+    if runtime.config is None:
+        return False
+    if single.clean:
+        if many or not args:
+            return False
+        if len(args) == 1 and type(args[0]) in (tuple, list, dict) and not args[0]:
+            return False
+    probe = sql[:single.start] + "EXPLAIN " + sql[single.start:]
+    try:
+        cur = kit.raw_cursor(conn)
+    except kit.usage_errors:
+        return True
+    except Exception:  # noqa: BLE001 - cannot tell: guard as usual (fail closed)
+        return False
+    try:
+        if many:
+            # No parameter set (the caller's iterator may be one-shot): only the checks made
+            # when the statement is prepared. Not the "executemany() can only execute DML
+            # statements" of 3.8-3.10: it comes *after* the statement ran (a downgrade is
+            # done by then), so it must be guarded like any other request.
+            cur.executemany(probe, [])
+        else:
+            cur.execute(probe, *args)
+    except kit.usage_errors:
+        return True
+    except kit.error:
+        return False  # an error of SQLite's (locked, unknown database...): guard as usual
+    except Exception:  # noqa: BLE001 - Warning, ValueError, TypeError: raised before running
+        return True
+    finally:
+        try:
+            cur.close()
+        except Exception:  # noqa: BLE001
+            pass
+    return False

@@ -108,6 +108,22 @@ _RESERVED = frozenset("""
 """.split())
 #: Reserved words that a pragma value may still be (``nmnum ::= ON | DELETE | DEFAULT``).
 _VALUE_KEYWORDS = frozenset(("on", "delete", "default"))
+#: Every keyword of SQLite 3.40 (tool/mkkeywordhash.c): as an ATTACH/DETACH operand a keyword
+#: may be an expression (NULL, CURRENT_DATE), so its text is not taken as a name.
+_KEYWORDS = frozenset("""
+    abort action add after all alter always analyze and as asc attach autoincrement before
+    begin between by cascade case cast check collate column commit conflict constraint create
+    cross current current_date current_time current_timestamp database default deferred
+    deferrable delete desc detach distinct do drop end each else escape except exclusive
+    exclude exists explain fail filter first following for foreign from full generated glob
+    group groups having if ignore immediate in index indexed initially inner insert instead
+    intersect into is isnull join key last left like limit match materialized natural no not
+    nothing notnull null nulls of offset on or order others outer over partition plan pragma
+    preceding primary query raise range recursive references regexp reindex release rename
+    replace restrict returning right rollback row rows savepoint select set table temp
+    temporary then ties to transaction trigger unbounded union unique update using vacuum
+    values view virtual when where window with within without
+""".split())
 #: Words that can start a statement (``cmd`` in parse.y).
 _COMMANDS = frozenset("""
     alter analyze attach begin commit create delete detach drop end explain insert pragma
@@ -117,7 +133,7 @@ _COMMANDS = frozenset("""
 _TRIGGER_BODY = frozenset(("update", "insert", "replace", "delete", "select", "with",
                            "values", "end"))
 
-_Token = Tuple[int, str, int]  # (kind, text: dequoted for names and strings, end offset)
+_Token = Tuple[int, str, int, int]  # (kind, text: dequoted for names and strings, end, start)
 
 
 class Request(NamedTuple):
@@ -132,13 +148,59 @@ class Request(NamedTuple):
         return self.mode == WAL
 
 
+class Attach(NamedTuple):
+    """An ``ATTACH`` that runs before a later request of the same script.
+
+    ``file`` is the file name exactly as SQLite gets it (resolved against the working
+    directory by the guard, when the script runs), ``schema`` the name it is attached as.
+    Either is None when the text alone cannot tell (an expression, a parameter, a keyword, a
+    statement too long to read): the guard then fails closed for downgrades.
+    """
+
+    schema: Optional[str]
+    file: Optional[str]
+    why: str = ""  # what could not be known, for the refusal message
+
+
+class Detach(NamedTuple):
+    """A ``DETACH`` before a later request; ``schema`` None when it cannot be known."""
+
+    schema: Optional[str]
+
+
+class Single(NamedTuple):
+    """How ``execute()`` sees the text: its first statement is ``request``.
+
+    ``clean``: nothing but white space and comments that every CPython accepts follows that
+    statement, so sqlite3 will run it; otherwise sqlite3 may reject the whole text before
+    running anything ("You can only execute one statement at a time"), which the guard asks
+    sqlite3 itself. ``start``: offset of the statement's first token.
+    """
+
+    request: Request
+    start: int
+    clean: bool
+
+
+Step = Union[Request, Attach, Detach]
+
+
 class Plan(NamedTuple):
-    """What a piece of SQL asks of the journal mode."""
+    """What a piece of SQL asks of the journal mode.
+
+    Contract with connection.py (and any C fast path): ``_CACHE[sql]`` is either None
+    ("nothing to guard") or a Plan, which is always truthy (``requests`` is never empty).
+    """
 
     requests: Tuple[Request, ...]
     #: every statement in the text is a journal-mode *request* (no query, no other statement)
     #: and SQLite accepts them all: the script can be run one request at a time, losing nothing
     only_journal_pragmas: bool
+    #: the requests with the ATTACH/DETACH statements before them, in script order
+    steps: Tuple[Step, ...] = ()
+    #: the text as ``execute()``/``executemany()`` take it: None when its first statement is
+    #: no request, or when they refuse the text anyway (a NUL character)
+    single: Optional[Single] = None
 
 
 def ascii_lower(text: str) -> str:
@@ -157,29 +219,6 @@ def mode_for_value(value: str) -> Optional[str]:
         if mode.startswith(value):
             return mode
     return None
-
-
-def _tokenize(sql: str) -> List[_Token]:
-    """SQLite's tokens, without white space and comments."""
-    out: List[_Token] = []
-    append = out.append
-    for m in _TOKEN_RE.finditer(sql):
-        kind = m.lastgroup
-        if kind == "space" or kind == "comment":
-            continue
-        text = m.group()
-        if kind == "number":
-            append((_ILLEGAL if m.group("numtail") else _NUMBER, text, m.end()))
-        elif kind == "var":
-            append((_var_kind(text), text, m.end()))
-        elif kind == "string" or kind == "dq" or kind == "bq":
-            q = text[0]
-            append((_SIMPLE_KINDS[kind], text[1:-1].replace(q + q, q), m.end()))
-        elif kind == "br":
-            append((_QNAME, text[1:-1], m.end()))
-        else:
-            append((_SIMPLE_KINDS[kind], text, m.end()))  # type: ignore[index]
-    return out
 
 
 def _var_kind(text: str) -> int:
@@ -204,7 +243,7 @@ _Found = Union[None, object, _PragmaFound]
 
 
 def _name(tok: _Token) -> Optional[str]:
-    kind, text, _ = tok
+    kind, text = tok[0], tok[1]
     if kind == _WORD:
         return None if ascii_lower(text) in _RESERVED else text
     if kind == _QNAME or kind == _STRING:
@@ -216,7 +255,7 @@ def _value(toks: List[_Token], i: int) -> Tuple[Optional[str], int]:
     """``nmnum`` or ``minus_num`` at i: (value text as pragma.c sees it, next index)."""
     if i >= len(toks):
         return None, i
-    kind, text, _ = toks[i]
+    kind, text = toks[i][0], toks[i][1]
     if kind == _WORD:
         low = ascii_lower(text)
         if low in _RESERVED and low not in _VALUE_KEYWORDS:
@@ -322,64 +361,401 @@ def _statement(toks: List[_Token], i: int) -> Tuple[int, _Found]:
     return i, None
 
 
-def scan_uncached(sql: str) -> Optional[Plan]:
-    """Plan for ``sql``, or None when it asks nothing of the journal mode."""
-    # str.lower() is the fastest pre-check and finds every ASCII-case variant (it may also
-    # find a few non-ASCII ones, which the parse below then rejects).
-    if "journal_mode" not in sql.lower():
-        return None
-    if not sql.isascii():
-        try:
-            sql.encode("utf-8")
-        except UnicodeEncodeError:
-            return None  # sqlite3 raises before SQLite sees anything
-    if "\0" in sql:
-        if not _NUL_ENDS_SCRIPT:
-            return None  # ValueError before anything runs
-        sql = sql[: sql.index("\0")]
-    toks = _tokenize(sql)
-    n = len(toks)
+# --- the cheap part: where could a request be at all? ------------------------------------
+#
+# Every request names the pragma journal_mode, and every ASCII-case spelling of that name has
+# an underscore at offset 7. So: find underscores (str.find: memchr speed, no copy), look at
+# each one, and switch to one compiled regex pass for the rest when there are many. A site
+# counts only where SQLite could read ``journal_mode`` as a whole name (``journal_mode_log``,
+# ``$journal_mode`` are not) that may follow ``PRAGMA`` or ``schema.`` (``, journal_mode``,
+# ``SELECT journal_mode`` cannot): a superset of the real requests, checked exactly below.
+
+_MODE_TAIL = re.compile("_[mM][oO][dD][eE](?![" + _IDC + "])")
+_IDC_ASCII = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_$")
+_GAP_CHARS = " \t\n\f\r\v\ufeff"
+_OPEN_QUOTES = "\"'`["
+_CONTEXT = 128  # characters looked at before a site
+_FIND_HITS = 64  # underscores looked at one by one before the regex pass takes over
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _is_idc(ch: str) -> bool:
+    return ch in _IDC_ASCII or ch > "\x7f"
+
+
+def _may_follow_pragma(sql: str, p: int) -> bool:
+    """Superset test: can the name starting at ``p`` be the name of a PRAGMA statement?
+
+    Before it, SQLite can only have ``PRAGMA`` or ``nm .``, then white space and comments. So
+    the text before it (white space skipped) ends with "pragma", '.', the '/' of a comment, or
+    a line whose ``--`` comment the newline ended; anything else (',', '(', "select") cannot.
+    """
+    if p > 0 and sql[p - 1] in _OPEN_QUOTES:
+        p -= 1
+    lo = max(0, p - _CONTEXT)
+    window = sql[lo:p]
+    body = window.rstrip(_GAP_CHARS)
+    if not body:
+        return lo > 0  # white space as far as we look (at the very start: no PRAGMA)
+    if "\n" in window[len(body):]:
+        line = body.rsplit("\n", 1)
+        if "--" in line[-1] or (len(line) == 1 and lo > 0):
+            return True
+    if body[-1] in "/.":
+        return True
+    return ascii_lower(body[-6:]) == "pragma"
+
+
+def _site(sql: str, underscore: int) -> int:
+    """End offset of a possible request's pragma name whose underscore is at ``underscore``,
+    or -1."""
+    p = underscore - 7
+    end = underscore + 5
+    if p < 0 or (end < len(sql) and _is_idc(sql[end])):  # journal_mode_log, msg_id, ...
+        return -1
+    name = sql[p:end]
+    if name != "journal_mode" and not (name.isascii() and name.lower() == "journal_mode"):
+        return -1
+    if p > 0 and _is_idc(sql[p - 1]) and sql[p - 1] != "\ufeff":  # a BOM may be white space
+        return -1
+    return end if _may_follow_pragma(sql, p) else -1
+
+
+def last_site(sql: str) -> int:
+    """End offset of the last place in ``sql`` where a journal-mode request could be, or -1.
+
+    Cost: one memchr-speed pass when the text has no underscore; otherwise a look at each
+    underscore (the first few) and one compiled-regex pass, never a copy of the text.
+    """
+    last = -1
+    find = sql.find
+    i = find("_", 7)
+    hits = 0
+    while i >= 0:
+        hits += 1
+        if hits > _FIND_HITS:
+            for m in _MODE_TAIL.finditer(sql, i):
+                site = _site(sql, m.start())
+                if site > last:
+                    last = site
+            return last
+        site = _site(sql, i)
+        if site > last:
+            last = site
+        i = find("_", i + 1)
+    return last
+
+
+# --- the exact part: SQLite's statement loop, streamed -----------------------------------
+
+_FullToken = _Token
+
+
+class _Reader:
+    """SQLite's significant tokens one at a time: no list of the whole text is ever built."""
+
+    __slots__ = ("sql", "pos")
+
+    def __init__(self, sql: str) -> None:
+        self.sql = sql
+        self.pos = 0
+
+    def next(self) -> Optional[_FullToken]:
+        sql = self.sql
+        match = _TOKEN_RE.match
+        while True:
+            m = match(sql, self.pos)
+            if m is None:
+                return None
+            start = self.pos
+            self.pos = m.end()
+            kind = m.lastgroup
+            if kind == "space" or kind == "comment":
+                continue
+            return _make_token(m, kind, start)
+
+
+def _make_token(m: "re.Match[str]", kind: Optional[str], start: int) -> _FullToken:
+    text = m.group()
+    if kind == "number":
+        return (_ILLEGAL if m.group("numtail") else _NUMBER, text, m.end(), start)
+    if kind == "var":
+        return (_var_kind(text), text, m.end(), start)
+    if kind == "string" or kind == "dq" or kind == "bq":
+        q = text[0]
+        return (_SIMPLE_KINDS[kind], text[1:-1].replace(q + q, q), m.end(), start)
+    if kind == "br":
+        return (_QNAME, text[1:-1], m.end(), start)
+    return (_SIMPLE_KINDS[kind], text, m.end(), start)  # type: ignore[index]
+
+
+_PRAGMA_MAX_TOKENS = 10  # PRAGMA a . b ( - 1 ) ; is the longest valid form
+_ATTACH_MAX_TOKENS = 64  # a longer ATTACH is not read (its names are then unknown)
+_Op = Optional[Union[Attach, Detach]]
+_Stmt = Tuple[_Found, int, _Op]  # (what it is, end offset of its text, ATTACH/DETACH)
+_FAILED: _Stmt = (_ERROR, 0, None)
+
+
+def _skip(rd: _Reader) -> _Stmt:
+    """The rest of a statement whose grammar is not checked: only a token SQLite cannot
+    read fails it."""
+    while True:
+        t = rd.next()
+        if t is None:
+            return None, len(rd.sql), None
+        if t[0] == _SEMI:
+            return None, t[2], None
+        if t[0] == _ILLEGAL:
+            return _FAILED
+
+
+def _collect(rd: _Reader, first: _FullToken, cap: int) -> Tuple[List[_Token], int, bool]:
+    """Tokens from ``first`` up to and including ';': (tokens, end offset, complete).
+    Not complete: more than ``cap`` tokens (the reader stands after the last one read)."""
+    toks: List[_Token] = [first]
+    while True:
+        t = rd.next()
+        if t is None:
+            return toks, len(rd.sql), True
+        toks.append(t)
+        if t[0] == _SEMI:
+            return toks, t[2], True
+        if len(toks) > cap:
+            return toks, 0, False
+
+
+def _trigger_stream(rd: _Reader) -> _Stmt:
+    """CREATE TRIGGER: its body holds ';'s; it ends at '; END' followed by ';' or the end."""
+    while True:
+        t = rd.next()
+        if t is None or t[0] == _ILLEGAL:
+            return _FAILED  # incomplete input, or a token SQLite cannot read
+        if t[0] == _SEMI:
+            following = rd.next()
+            word = _word(following) if following is not None else None
+            if word not in _TRIGGER_BODY:
+                return _FAILED
+            if word == "end":
+                after = rd.next()
+                if after is None:
+                    return None, len(rd.sql), None
+                if after[0] == _SEMI:
+                    return None, after[2], None
+                return _FAILED
+
+
+def _attach_name(tok: _Token) -> Optional[str]:
+    """The text SQLite makes of a one-token ATTACH/DETACH operand: a name or string is taken
+    as text (resolveAttachExpr turns an identifier into a string); a keyword, number,
+    variable or anything else is not known here."""
+    kind, text, _ = tok[0], tok[1], tok[2]
+    if kind == _STRING or kind == _QNAME:
+        return text
+    if kind == _WORD and ascii_lower(text) not in _KEYWORDS:
+        return text
+    return None
+
+
+def _attach_op(toks: List[_Token], complete: bool) -> Union[Attach, Detach]:
+    """ATTACH [DATABASE] file AS schema [KEY k] / DETACH [DATABASE] schema (tokens end with
+    their ';' when there is one)."""
+    if toks and toks[-1][0] == _SEMI:
+        toks = toks[:-1]
+    detach = _word(toks[0]) == "detach"
+    i = 1
+    if len(toks) > 2 and _word(toks[1]) == "database" and _word(toks[2]) != "as":
+        i = 2
+    if detach:
+        if complete and len(toks) == i + 1:
+            return Detach(_attach_name(toks[i]))
+        return Detach(None)
+    if not complete:
+        return Attach(None, None, "an ATTACH statement too long to read")
+    file: Optional[str] = None
+    schema: Optional[str] = None
+    why = []
+    as_at = [k for k in range(i, len(toks)) if _word(toks[k]) == "as"]
+    if as_at:
+        if as_at[0] == i + 1:
+            file = _attach_name(toks[i])
+        rest = toks[as_at[-1] + 1:]
+        if len(as_at) == 1:
+            for k, tok in enumerate(rest):
+                if _word(tok) == "key":
+                    rest = rest[:k]
+                    break
+        if len(rest) == 1:
+            schema = _attach_name(rest[0])
+    if file is None:
+        why.append("file is an expression, a parameter or a keyword")
+    if schema is None:
+        why.append("schema name is an expression or a keyword")
+    return Attach(schema, file, "ATTACH whose " + " and ".join(why) if why else "")
+
+
+def _statement_at(rd: _Reader, tok: _FullToken) -> _Stmt:
+    """The statement whose first token is ``tok``."""
+    word = _word(tok)
+    explain = word == "explain"
+    if explain:
+        nxt = rd.next()
+        if nxt is not None and _word(nxt) == "query":
+            nxt = rd.next()
+            if nxt is None or _word(nxt) != "plan":
+                return _FAILED
+            nxt = rd.next()
+        if nxt is None:
+            return _FAILED
+        tok = nxt
+        word = _word(tok)
+        if word == "explain":
+            return _FAILED
+    if word not in _COMMANDS:
+        return _FAILED
+    if word == "pragma":
+        toks, end, complete = _collect(rd, tok, _PRAGMA_MAX_TOKENS)
+        if not complete:
+            return _FAILED
+        i, found = _pragma(toks, 1)
+        if found is _ERROR:
+            return _FAILED
+        stop = toks[i][2] if i < len(toks) else end
+        return (None if explain else found), stop, None
+    if word == "create":
+        nxt = rd.next()
+        if nxt is not None and _word(nxt) in ("temp", "temporary"):
+            nxt = rd.next()
+        if nxt is not None and _word(nxt) == "trigger":
+            return _trigger_stream(rd)
+        if nxt is None:
+            return None, len(rd.sql), None
+        if nxt[0] == _SEMI:
+            return None, nxt[2], None
+        if nxt[0] == _ILLEGAL:
+            return _FAILED
+        return _skip(rd)
+    if (word == "attach" or word == "detach") and not explain:
+        toks, end, complete = _collect(rd, tok, _ATTACH_MAX_TOKENS)
+        if any(t[0] == _ILLEGAL for t in toks):
+            return _FAILED
+        op = _attach_op(toks, complete)
+        if not complete:
+            found, end, _ = _skip(rd)
+            if found is _ERROR:
+                return _FAILED
+        return None, end, op
+    return _skip(rd)
+
+
+def _tail_is_clean(sql: str, pos: int) -> bool:
+    """Only white space (space, tab, CR, LF) and comments from ``pos`` on: what every
+    CPython's "one statement at a time" check accepts."""
+    match = _TOKEN_RE.match
+    while True:
+        m = match(sql, pos)
+        if m is None:
+            return True
+        kind = m.lastgroup
+        if kind == "comment":
+            pass
+        elif kind == "space":
+            if m.group().strip(" \t\r\n"):
+                return False
+        else:
+            return False
+        pos = m.end()
+
+
+def _scan_exact(sql: str, limit: int, nul: bool) -> Optional[Plan]:
+    """SQLite's statement loop over ``sql`` up to the statement holding offset ``limit``
+    (no request can come after it)."""
+    rd = _Reader(sql)
     requests: List[Request] = []
+    steps: List[Step] = []
+    pending: List[Step] = []  # ATTACH/DETACH not yet followed by a request
     only_pragmas = True
+    single: Optional[Single] = None
+    first = True
     start = 0  # where the current statement's text begins
-    i = 0
-    while i < n:
-        if toks[i][0] == _SEMI:  # an empty statement: SQLite reads on into the next one
-            i += 1
-            continue
-        end, found = _statement(toks, i)
+    while True:
+        tok = rd.next()
+        while tok is not None and tok[0] == _SEMI:  # empty statements: read on
+            tok = rd.next()
+        if tok is None:
+            break
+        if tok[2] > limit:
+            only_pragmas = False  # another statement, and no request in or after it
+            break
+        found, stop, op = _statement_at(rd, tok)
         if found is _ERROR:
             only_pragmas = False
             break  # SQLite stops the script here
-        stop = toks[end][2] if end < n else len(sql)
-        text = sql[start:stop]
-        start = stop
-        i = end + 1
+        begin, start = start, stop  # this statement's text is sql[begin:stop]
+        was_first, first = first, False
+        if op is not None:
+            pending.append(op)
+            only_pragmas = False
+            continue
         if found is None:
             only_pragmas = False
             continue
         schema, value = cast(_PragmaFound, found)
         mode = mode_for_value(value) if value is not None else None
-        if mode is not None:
-            requests.append(Request(schema, mode, text))
-        else:
+        if mode is None:
             only_pragmas = False  # a query: it has effects (errors) of its own
+            continue
+        request = Request(schema, mode, sql[begin:stop])
+        requests.append(request)
+        steps.extend(pending)
+        pending = []
+        steps.append(request)
+        if was_first and not nul:
+            single = Single(request, tok[3], _tail_is_clean(sql, stop))
     if not requests:
         return None
-    return Plan(tuple(requests), only_pragmas)
+    return Plan(tuple(requests), only_pragmas, tuple(steps), single)
+
+
+def scan_uncached(sql: str) -> Optional[Plan]:
+    """Plan for ``sql``, or None when it asks nothing of the journal mode."""
+    return _scan(sql)[0]
+
+
+def _scan(sql: str) -> Tuple[Optional[Plan], bool]:
+    """(plan, whether the exact scan ran: the text has a place a request could be)."""
+    limit = last_site(sql)
+    if limit < 0:
+        return None, False
+    nul = "\0" in sql
+    if nul:
+        if not _NUL_ENDS_SCRIPT:
+            return None, False  # ValueError before anything runs
+        sql = sql[: sql.index("\0")]
+        limit = min(limit, len(sql))
+    if not sql.isascii() and _SURROGATE.search(sql):
+        return None, False  # sqlite3 cannot encode it: it raises before SQLite sees anything
+    return _scan_exact(sql, limit, nul), True
 
 
 _CACHE: Dict[str, Optional[Plan]] = {}
 CACHE_MAX_ENTRIES = 2048
-CACHE_MAX_SQL_LENGTH = 4096
+CACHE_MAX_SQL_LENGTH = 4096  # any result is kept for text up to this length
+#: Longer text is kept only when the exact scan ran (the cheap prefilter found a place a
+#: request could be; otherwise scanning again costs about what hashing it does), up to this
+#: length each, and all keys together up to CACHE_MAX_CHARS characters: bounded by size,
+#: not only by count.
+CACHE_MAX_LONG_SQL_LENGTH = 256 * 1024
+CACHE_MAX_CHARS = 4 * 1024 * 1024
+_cache_chars = 0
 
 
 def scan(sql: object) -> Optional[Plan]:
     """Memoized ``scan_uncached``. Never raises: non-text SQL is left for sqlite3 to reject.
 
-    The cache is bounded both in entries (cleared when full, so f-string SQL that is unique
-    every time cannot grow it) and in key size (long scripts are scanned, not stored).
+    The cache is bounded in entries and in characters (cleared when either is full, so
+    f-string SQL that is unique every time cannot grow it).
     """
+    global _cache_chars
     try:
         return _CACHE[sql]  # type: ignore[index]
     except KeyError:
@@ -388,11 +764,14 @@ def scan(sql: object) -> Optional[Plan]:
         return None
     if not isinstance(sql, str):
         return None
-    plan = scan_uncached(sql)
-    if len(sql) <= CACHE_MAX_SQL_LENGTH:
-        if len(_CACHE) >= CACHE_MAX_ENTRIES:
+    plan, exact = _scan(sql)
+    size = len(sql)
+    if size <= CACHE_MAX_SQL_LENGTH or (exact and size <= CACHE_MAX_LONG_SQL_LENGTH):
+        if len(_CACHE) >= CACHE_MAX_ENTRIES or _cache_chars + size > CACHE_MAX_CHARS:
             _CACHE.clear()
+            _cache_chars = 0
         _CACHE[sql] = plan
+        _cache_chars += size
     return plan
 
 
