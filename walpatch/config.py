@@ -33,6 +33,7 @@ _DEFAULTS: Dict[str, Any] = {
     "unsupported_markers": (),
     "log_level": None,
     "event_file": None,
+    "lock_guard": "protect",
 }
 
 
@@ -58,6 +59,7 @@ class Config:
     unsupported_markers: Tuple[str, ...]
     log_level: Optional[str]
     event_file: Optional[str]
+    lock_guard: str
     #: Not a setting: which settings came from where, for `walpatch status`.
     sources: Tuple[Tuple[str, str], ...]
 
@@ -180,6 +182,14 @@ def _parse_event_file(raw: Any) -> Optional[str]:
     return os.path.abspath(os.path.expanduser(text))
 
 
+def _parse_lock_guard(raw: Any) -> str:
+    """The lock guard (walpatch/lockguard.py): protect, detect or off."""
+    word = str(raw).strip().lower()
+    if word not in ("protect", "detect", "off"):
+        raise ValueError("one of protect, detect, off")
+    return word
+
+
 # setting name -> (environment variable, parser)
 SETTINGS: Dict[str, Tuple[str, Callable[[Any], Any]]] = {
     "mode": ("WALPATCH", _parse_mode),
@@ -194,6 +204,7 @@ SETTINGS: Dict[str, Tuple[str, Callable[[Any], Any]]] = {
     "unsupported_markers": ("WALPATCH_UNSUPPORTED_MARKERS", _parse_markers),
     "log_level": ("WALPATCH_LOG_LEVEL", _parse_log_level),
     "event_file": ("WALPATCH_EVENT_FILE", _parse_event_file),
+    "lock_guard": ("WALPATCH_LOCK_GUARD", _parse_lock_guard),
 }
 
 

@@ -40,6 +40,12 @@ COUNTERS = (
     "observed_would_retry",
     "disk_checks",
     "disk_check_failures",
+    "lock_guard_parked",
+    "lock_guard_reused",
+    "lock_guard_detected",
+    "lock_guard_writes",
+    "lock_guard_unprotected",
+    "lock_guard_errors",
 )
 
 

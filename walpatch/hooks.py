@@ -62,8 +62,9 @@ def _make_wrapper(dbapi: ModuleType) -> Any:
     default = dbapi.Connection
     # The guard (connection.py and what it imports) is loaded at the first connect(), not when
     # the application imports sqlite3: an application that imports sqlite3 and never
-    # connects does not pay for it. Holds (guarded_connection_class, events.count) once loaded.
-    loaded: List[Tuple[Callable[..., Any], Callable[..., Any]]] = []
+    # connects does not pay for it. Holds (guarded_connection_class, events.count,
+    # lockguard.track) once loaded.
+    loaded: List[Tuple[Callable[..., Any], Callable[..., Any], Callable[..., Any]]] = []
     warn_positional = _KEYWORD_AFTER_FIRST and dbapi.__name__ == "sqlite3.dbapi2"
 
     def connect_wrapper(
@@ -72,10 +73,11 @@ def _make_wrapper(dbapi: ModuleType) -> Any:
         if not loaded:
             from .connection import guarded_connection_class
             from .events import count
+            from .lockguard import track
 
-            # One item, replaced whole: threads racing through here all store the same pair.
-            loaded[:] = [(guarded_connection_class, count)]
-        factory, count = loaded[0]
+            # One item, replaced whole: threads racing through here all store the same items.
+            loaded[:] = [(guarded_connection_class, count, track)]
+        factory, count, track = loaded[0]
         # (Not when the factory itself is positional: sqlite3 then passes the arguments on
         # positionally and the factory's __init__ warns too; keywords would lose that.)
         if (warn_positional and 1 < len(args) <= FACTORY_POSITION
@@ -95,6 +97,7 @@ def _make_wrapper(dbapi: ModuleType) -> Any:
             pass  # a factory walpatch could not guard
         else:
             count("connections")
+            track(conn)  # the lock guard (lockguard.py); returns at once when it is off
         return conn
 
     return connect_wrapper

@@ -1,0 +1,877 @@
+"""The lock guard: the application's own open()/close() of a database file in use must not
+drop SQLite's locks (design.md sections 5 and 8, issue 12).
+
+POSIX advisory locks belong to a (process, inode) pair: closing *any* descriptor of a file
+releases every lock the process holds on it. SQLite keeps its own descriptors open while a lock
+needs them; nothing does that for the application's. A header sniff, ``shutil.copy`` or a
+checksum of the database in the same process lets another process believe it is alone: it
+checkpoints and deletes ``-wal``/``-shm`` under this process's connection (committed rows are
+lost, ``integrity_check`` says ok), or takes a write lock this process holds.
+
+While this process has a guarded connection to a file, that file and its ``-wal``, ``-shm`` and
+``-journal`` are *live*, identified by ``(st_dev, st_ino)``. The guard wraps ``builtins.open``
+(= ``io.open``; ``pathlib``, ``shutil``, ``os.fdopen`` go through it), ``os.open`` and
+``os.close``. It is armed at the first guarded ``connect()`` (never at interpreter start):
+
+* ``protect``: the application never gets a descriptor that can be closed. An open of a live
+  file is served from a *parked* descriptor (opened once, reused after ``lseek(0)``, kept open
+  with close-on-exec); the file object is built on it with ``closefd=False``, and ``os.close``
+  of a parked descriptor only marks it free. So 10,000 header sniffs use one descriptor. Parked
+  descriptors are really closed when the last guarded connection to the file closes.
+* ``detect``: nothing changes; each such open/close is an event naming the call site and the
+  locks that the close releases.
+
+Cost when no guarded connection is open: one truthiness test per call. Otherwise the identity
+of a path is memoized per path string for ``_MEMO_TTL`` seconds (a ``stat`` on a miss), except
+names that end like a live file's name, which are always re-checked; ``os.close`` does an
+``fstat``. Fail open: an internal error falls back to the original function (one line on
+stderr, once).
+"""
+from __future__ import annotations
+
+import builtins
+import errno
+import io
+import logging
+import os
+import sys
+import threading
+import time
+from stat import S_ISREG
+from typing import Any, Callable, Dict, List, Optional, Set, Tuple
+from weakref import ref
+
+from . import events, runtime
+
+PROTECT = "protect"
+DETECT = "detect"
+OFF = "off"
+MODES = (PROTECT, DETECT, OFF)
+
+SUFFIXES = ("-wal", "-shm", "-journal")
+#: Seconds a path string's (st_dev, st_ino) is trusted without a new stat.
+_MEMO_TTL = 1.0
+_MEMO_MAX = 4096
+#: Parked descriptors in the whole process; beyond this the guard passes opens through
+#: (an ERROR event): it must never make the application run out of descriptors.
+MAX_PARKED = 256
+#: open(2) flags that decide whether a parked descriptor can be handed out again.
+_STATUS_MASK = (os.O_ACCMODE | os.O_APPEND | getattr(os, "O_NONBLOCK", 0)
+                | getattr(os, "O_SYNC", 0) | getattr(os, "O_DSYNC", 0)
+                | getattr(os, "O_DIRECT", 0) | getattr(os, "O_NOATIME", 0))
+_O_PATH = getattr(os, "O_PATH", 0)
+_O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+
+Ident = Tuple[int, int]
+
+# The originals (taken at import: walpatch's own file operations use these).
+_open = builtins.open
+_os_open = os.open
+_os_close = os.close
+
+_lock = threading.RLock()
+_state = threading.local()  # .busy: inside the guard (an event's logging may open files)
+
+#: Truthy while some guarded connection may be open: the only test on the fast path.
+_live: Dict[int, "_Conn"] = {}
+#: (st_dev, st_ino) -> the live file it is (database or sidecar)
+_idents: Dict[Ident, "_File"] = {}
+#: path string -> (ident or None, expiry)
+_memo: Dict[Any, Tuple[Optional[Ident], float]] = {}
+#: names (last path components) of live files, for str.endswith
+_names: Tuple[str, ...] = ()
+#: parked descriptors: fd -> entry
+_table: Dict[int, "_Parked"] = {}
+
+_pending = False  # a tracked connection whose file is not resolved yet
+_monotonic = time.monotonic
+
+_mode = OFF  # the effective mode while armed
+_armed = False
+_fork_handler = False
+_failed_once = False
+_sidecars_checked = 0.0
+
+
+class _Conn:
+    """One guarded connection: its database path (resolved lazily) and identity."""
+
+    __slots__ = ("ref", "path", "db")
+
+    def __init__(self, conn_ref: Any, path: str) -> None:
+        self.ref = conn_ref
+        self.path = path
+        self.db: Optional["_Db"] = None
+
+
+class _Db:
+    """A live database file: how many guarded connections use it, its sidecars."""
+
+    __slots__ = ("ident", "path", "users", "sidecars")
+
+    def __init__(self, ident: Ident, path: str) -> None:
+        self.ident = ident
+        self.path = path  # realpath: SQLite names the sidecars after it
+        self.users = 0
+        self.sidecars: Dict[Ident, str] = {}
+
+
+class _File:
+    __slots__ = ("db", "path")
+
+    def __init__(self, db: _Db, path: str) -> None:
+        self.db = db
+        self.path = path
+
+
+class _Parked:
+    """A descriptor the guard keeps open. Free when os.open's holder closed it and every file
+    object built on it is closed or gone."""
+
+    __slots__ = ("fd", "ident", "key", "db", "os_held", "raws", "orphan")
+
+    def __init__(self, fd: int, ident: Ident, key: int, db: _Db) -> None:
+        self.fd = fd
+        self.ident = ident
+        self.key = key
+        self.db = db
+        self.os_held = False
+        self.raws: List[Any] = []
+        self.orphan = False
+
+    def free(self) -> bool:
+        if self.os_held:
+            return False
+        for r in self.raws:
+            raw = r()
+            if raw is not None and not raw.closed:
+                return False
+        return True
+
+
+# ---------------------------------------------------------------------------------------------
+# registration (called by hooks.py at connect and by the guarded class's close())
+
+def track(conn: Any) -> None:
+    """Record a new guarded connection (no system call: the path is resolved on first need)."""
+    global _pending
+    config = runtime.config
+    if config is None or config.lock_guard == OFF:
+        return
+    try:
+        path = _database_path(getattr(conn, "_walpatch_database", None))
+        if path is None:
+            return
+        key = id(conn)
+        with _lock:
+            _live[key] = _Conn(ref(conn, _callback(key)), path)
+            _pending = True
+            if not _armed or _mode != _effective_mode():
+                arm()
+    except Exception as exc:  # noqa: BLE001 - fail open
+        _internal_error(exc)
+
+
+def closing(base_close: Callable[..., Any]) -> Callable[..., Any]:
+    """A close() override: the original close first (SQLite releases its own locks), then
+    the guard forgets the connection and closes the parked descriptors nobody needs now."""
+
+    def close(self: Any) -> Any:
+        result = base_close(self)
+        if _live:
+            _forget(id(self), None)
+        return result
+
+    for attr in ("__name__", "__qualname__", "__doc__"):
+        try:
+            setattr(close, attr, getattr(base_close, attr))
+        except (AttributeError, TypeError):
+            pass
+    close.__wrapped__ = base_close  # type: ignore[attr-defined]
+    return close
+
+
+def _callback(key: int) -> Callable[[Any], None]:
+    def gone(conn_ref: Any) -> None:
+        _gone(key, conn_ref)
+
+    return gone
+
+
+def _gone(key: int, conn_ref: Any) -> None:
+    # A connection dropped without close(): its dealloc closes SQLite's descriptor *after*
+    # this callback, so parked descriptors are only marked here and closed on a later call.
+    try:
+        _forget(key, conn_ref, defer=True)
+    except Exception as exc:  # noqa: BLE001
+        _internal_error(exc)
+
+
+def _forget(key: int, conn_ref: Any, defer: bool = False) -> None:
+    with _lock:
+        entry = _live.get(key)
+        if entry is None or (conn_ref is not None and entry.ref is not conn_ref):
+            return
+        del _live[key]
+        db = entry.db
+        if db is None:
+            return
+        db.users -= 1
+        if db.users > 0:
+            return
+        _idents.pop(db.ident, None)
+        for ident in db.sidecars:
+            _idents.pop(ident, None)
+        _rebuild_names()
+        for parked in list(_table.values()):
+            if parked.db is db:
+                parked.orphan = True
+        if not defer:
+            _close_orphans()
+
+
+def _close_orphans() -> None:
+    for fd, parked in list(_table.items()):
+        if parked.orphan and parked.free():
+            del _table[fd]
+            _really_close(parked)
+
+
+def _really_close(parked: _Parked) -> None:
+    try:  # the number may have been reused if someone else closed it: check it is ours
+        st = os.fstat(parked.fd)
+        if (st.st_dev, st.st_ino) == parked.ident:
+            _os_close(parked.fd)
+    except OSError:
+        pass
+
+
+def _database_path(database: Any) -> Optional[str]:
+    """The file behind connect()'s first argument, absolute (cwd of *now*), or None."""
+    if database is None:
+        return None
+    try:
+        name = os.fsdecode(os.fspath(database))
+    except TypeError:
+        return None
+    if name in ("", ":memory:"):
+        return None
+    if name.startswith("file:") and not os.path.exists(name):
+        from_uri = _uri_path(name)
+        if from_uri is None:
+            return None
+        name = from_uri
+    return name if os.path.isabs(name) else os.path.join(os.getcwd(), name)
+
+
+def _uri_path(uri: str) -> Optional[str]:
+    from urllib.parse import unquote  # only for URIs
+
+    rest = uri[5:]
+    rest, _, query = rest.partition("?")
+    rest = rest.partition("#")[0]
+    if "mode=memory" in query or rest in ("", ":memory:"):
+        return None
+    if rest.startswith("//"):
+        authority, slash, path = rest[2:].partition("/")
+        if authority not in ("", "localhost"):
+            return None
+        rest = slash + path
+    return unquote(rest) or None
+
+
+def _resolve() -> None:
+    """Give every newly tracked connection its identity (stat of its database file)."""
+    global _pending
+    _pending = False
+    for conn in list(_live.values()):
+        if conn.db is not None:
+            continue
+        try:
+            st = os.stat(conn.path)
+        except OSError:
+            _pending = True  # not created yet (or gone): tried again on the next check
+            continue
+        ident = (st.st_dev, st.st_ino)
+        found = _idents.get(ident)
+        db = found.db if found is not None and found.db.ident == ident else None
+        if db is None:
+            db = _Db(ident, os.path.realpath(conn.path))
+            _idents[ident] = _File(db, db.path)
+            _refresh_sidecars(db)
+        db.users += 1
+        conn.db = db
+    _rebuild_names()
+
+
+def _refresh_sidecars(db: _Db) -> None:
+    """-wal/-shm/-journal come and go: stat them by name (the inodes SQLite holds stay)."""
+    for suffix in SUFFIXES:
+        path = db.path + suffix
+        try:
+            st = os.stat(path)
+        except OSError:
+            continue
+        ident = (st.st_dev, st.st_ino)
+        if ident not in db.sidecars:
+            if suffix == "-journal":  # a new inode every transaction: keep only the latest
+                for old in [i for i, p in db.sidecars.items() if p == path]:
+                    del db.sidecars[old]
+                    _idents.pop(old, None)
+            elif len(db.sidecars) > 16:
+                continue
+            db.sidecars[ident] = path
+            _idents[ident] = _File(db, path)
+
+
+def _refresh_all() -> None:
+    global _sidecars_checked
+    _sidecars_checked = time.monotonic()
+    seen: Set[int] = set()
+    for conn in list(_live.values()):
+        if conn.db is not None and id(conn.db) not in seen:
+            seen.add(id(conn.db))
+            _refresh_sidecars(conn.db)
+
+
+def _rebuild_names() -> None:
+    global _names
+    names: Set[str] = set()
+    for conn in _live.values():
+        base = os.path.basename(conn.path)
+        real = os.path.basename(conn.db.path) if conn.db is not None else base
+        for name in {base, real}:
+            names.add(name)
+            names.update(name + s for s in SUFFIXES)
+    names_now = tuple(sorted(names))
+    if names_now != _names:
+        _names = names_now
+        _memo.clear()  # the memo never holds a name that ends like a live file's
+
+
+# ---------------------------------------------------------------------------------------------
+# identification
+
+def _live_file(path: Any, follow: bool = True) -> Optional[Tuple[Ident, _File]]:
+    """The live file ``path`` names, or None. Must be called with ``_lock`` held."""
+    if _pending:
+        _resolve()
+    if not _idents:
+        return None
+    name = path if isinstance(path, str) else None
+    if name is None:
+        try:
+            name = os.fsdecode(os.fspath(path))
+        except TypeError:
+            return None
+    now = time.monotonic()
+    hit = None
+    if follow and not name.endswith(_names):
+        try:
+            hit = _memo.get(path)
+        except TypeError:
+            hit = None
+    if hit is not None and hit[1] >= now:
+        ident = hit[0]
+    else:
+        if name.endswith(_names) or now - _sidecars_checked > _MEMO_TTL:
+            _refresh_all()
+        try:
+            st = os.stat(path) if follow else os.lstat(path)
+        except (OSError, ValueError, TypeError):
+            return None
+        ident = (st.st_dev, st.st_ino) if S_ISREG(st.st_mode) else None
+        if follow and not name.endswith(_names):
+            try:
+                if len(_memo) >= _MEMO_MAX:
+                    _memo.clear()
+                _memo[path] = (ident, now + _MEMO_TTL)
+            except TypeError:
+                pass
+    if ident is None:
+        return None
+    found = _idents.get(ident)
+    return (ident, found) if found is not None else None
+
+
+def _live_fd(fd: int) -> Optional[Tuple[Ident, _File]]:
+    if _pending:
+        _resolve()
+    if not _idents:
+        return None
+    try:
+        st = os.fstat(fd)
+    except OSError:
+        return None
+    if not S_ISREG(st.st_mode):
+        return None
+    ident = (st.st_dev, st.st_ino)
+    found = _idents.get(ident)
+    if found is None and time.monotonic() - _sidecars_checked > _MEMO_TTL:
+        _refresh_all()
+        found = _idents.get(ident)
+    return (ident, found) if found is not None else None
+
+
+# ---------------------------------------------------------------------------------------------
+# the wrappers
+
+class _AppError(Exception):
+    """An error of the original function, to be raised to the application unchanged."""
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+
+def guarded_open(file: Any, mode: str = "r", buffering: int = -1, encoding: Any = None,
+                 errors: Any = None, newline: Any = None, closefd: bool = True,
+                 opener: Any = None) -> Any:
+    if _live:
+        # Fast path: a path string seen less than _MEMO_TTL ago, not a live file's.
+        try:
+            hit = _memo.get(file)
+        except TypeError:
+            hit = None
+        if hit is None or hit[0] in _idents or hit[1] < _monotonic() or _pending:
+            if _armed and not getattr(_state, "busy", False):
+                try:
+                    result = _guard_open(file, mode, buffering, encoding, errors, newline,
+                                         closefd, opener)
+                except _AppError as exc:
+                    raise exc.error from None
+                except Exception as exc:  # noqa: BLE001 - fail open
+                    _internal_error(exc)
+                else:
+                    if result is not None:
+                        return result
+    return _open(file, mode, buffering, encoding, errors, newline, closefd, opener)
+
+
+def guarded_os_open(path: Any, flags: int, mode: int = 0o777, *, dir_fd: Any = None) -> int:
+    if _live and _armed and not getattr(_state, "busy", False):
+        try:
+            fd = _guard_os_open(path, flags, mode, dir_fd)
+        except _AppError as exc:
+            raise exc.error from None
+        except Exception as exc:  # noqa: BLE001 - fail open
+            _internal_error(exc)
+        else:
+            if fd is not None:
+                return fd
+    return _os_open(path, flags, mode, dir_fd=dir_fd)
+
+
+def guarded_os_close(fd: int) -> None:
+    if (_live or _table) and _armed and not getattr(_state, "busy", False):
+        try:
+            handled = _guard_close(fd)
+        except _AppError as exc:
+            raise exc.error from None
+        except Exception as exc:  # noqa: BLE001 - fail open
+            _internal_error(exc)
+        else:
+            if handled:
+                return None
+    return _os_close(fd)
+
+
+def _flags_for(mode: Any) -> Optional[int]:
+    """open(2) flags for an open() mode string, as FileIO computes them; None if unusual
+    (then the original open() runs and raises its own error)."""
+    if not isinstance(mode, str) or len(set(mode)) != len(mode) or set(mode) - set("rwxabt+"):
+        return None
+    kinds = [c for c in mode if c in "rwxa"]
+    if len(kinds) != 1:
+        return None
+    kind = kinds[0]
+    plus = "+" in mode
+    flags = {"r": os.O_RDONLY, "w": os.O_WRONLY | os.O_CREAT | os.O_TRUNC,
+             "x": os.O_WRONLY | os.O_CREAT | os.O_EXCL,
+             "a": os.O_WRONLY | os.O_CREAT | os.O_APPEND}[kind]
+    if plus:
+        flags = (flags & ~os.O_ACCMODE) | os.O_RDWR
+    return flags | _O_CLOEXEC
+
+
+def _guard_open(file: Any, mode: Any, buffering: Any, encoding: Any, errors: Any,
+                newline: Any, closefd: Any, opener: Any) -> Any:
+    if isinstance(file, int) and not isinstance(file, bool):
+        return _guard_fdopen(file, mode, buffering, encoding, errors, newline, closefd)
+    if not closefd:
+        return None  # the original raises "Cannot use closefd=False with file name"
+    flags = _flags_for(mode)
+    if flags is None:
+        return None
+    with _lock:
+        _state.busy = True
+        try:
+            found = _live_file(file)
+            if found is None:
+                return None
+            ident, live = found
+            writing = flags & os.O_ACCMODE != os.O_RDONLY
+            site = _caller()
+            if _mode != PROTECT:
+                _event(DETECT, "open", live, site, writing)
+                return None
+            fd, parked = _acquire(file, flags, 0o666, None, ident, live, opener)
+            if parked is None:
+                _event("limit", "open", live, site, writing)
+                return _wrap_fd(fd, file, mode, buffering, encoding, errors, newline, True)
+            _event("parked", "open", live, site, writing)
+        finally:
+            _state.busy = False
+    try:
+        f = _open(fd, mode, buffering, encoding, errors, newline, False, None)
+    except BaseException as exc:
+        parked.os_held = False  # back to the pool, free
+        raise _AppError(exc) from None
+    raw = getattr(getattr(f, "buffer", f), "raw", getattr(f, "buffer", f))
+    try:
+        raw.name = file
+    except (AttributeError, TypeError):
+        pass
+    parked.raws = [r for r in parked.raws if r() is not None and not r().closed]
+    parked.raws.append(ref(raw))
+    parked.os_held = False
+    return f
+
+
+def _wrap_fd(fd: int, file: Any, mode: Any, buffering: Any, encoding: Any, errors: Any,
+             newline: Any, closefd: bool) -> Any:
+    try:
+        f = _open(fd, mode, buffering, encoding, errors, newline, closefd, None)
+    except BaseException as exc:
+        _os_close(fd)
+        raise _AppError(exc) from None
+    raw = getattr(getattr(f, "buffer", f), "raw", getattr(f, "buffer", f))
+    try:
+        raw.name = file
+    except (AttributeError, TypeError):
+        pass
+    return f
+
+
+def _guard_fdopen(fd: int, mode: Any, buffering: Any, encoding: Any, errors: Any,
+                  newline: Any, closefd: Any) -> Any:
+    """open(fd) / os.fdopen(fd): the file object's close() would close the descriptor."""
+    if not closefd:
+        return None
+    with _lock:
+        _state.busy = True
+        try:
+            parked = _table.get(fd)
+            if parked is None:
+                found = _live_fd(fd)
+                if found is None:
+                    return None
+                ident, live = found
+                site = _caller()
+                if _mode != PROTECT:
+                    _event(DETECT, "fdopen", live, site, False)
+                    return None
+                parked = _park_foreign(fd, ident, live)
+                if parked is None:
+                    _event("limit", "fdopen", live, site, False)
+                    return None
+                _event("parked", "fdopen", live, site, False)
+        finally:
+            _state.busy = False
+    try:
+        f = _open(fd, mode, buffering, encoding, errors, newline, False, None)
+    except BaseException as exc:
+        raise _AppError(exc) from None
+    raw = getattr(getattr(f, "buffer", f), "raw", getattr(f, "buffer", f))
+    parked.raws.append(ref(raw))
+    parked.os_held = False  # the file object holds it now
+    return f
+
+
+def _guard_os_open(path: Any, flags: Any, mode: Any, dir_fd: Any) -> Optional[int]:
+    if type(flags) is not int or dir_fd is not None or (_O_PATH and flags & _O_PATH):
+        return None  # O_PATH descriptors hold no locks; dir_fd: not guarded (documented)
+    with _lock:
+        _state.busy = True
+        try:
+            found = _live_file(path, follow=not flags & getattr(os, "O_NOFOLLOW", 0))
+            if found is None:
+                return None
+            ident, live = found
+            writing = flags & os.O_ACCMODE != os.O_RDONLY
+            site = _caller()
+            if _mode != PROTECT:
+                _event(DETECT, "os.open", live, site, writing)
+                return None
+            fd, parked = _acquire(path, flags, mode, None, ident, live, None)
+            _event("parked" if parked is not None else "limit", "os.open", live, site, writing)
+            return fd
+        finally:
+            _state.busy = False
+
+
+def _guard_close(fd: Any) -> bool:
+    if type(fd) is not int:
+        return False
+    with _lock:
+        _state.busy = True
+        try:
+            parked = _table.get(fd)
+            if parked is not None:
+                if parked.orphan:
+                    if parked.free() or parked.os_held:
+                        del _table[fd]
+                        _close_orphans()
+                        return False  # really close it now (no guarded connection left)
+                    return True
+                if parked.free():  # closed already, from the application's point of view
+                    raise _AppError(OSError(errno.EBADF, os.strerror(errno.EBADF)))
+                parked.os_held = False
+                return True
+            if not _live:
+                return False
+            found = _live_fd(fd)
+            if found is None:
+                return False
+            ident, live = found
+            site = _caller()
+            if _mode != PROTECT:
+                _event(DETECT, "os.close", live, site, False)
+                return False
+            parked = _park_foreign(fd, ident, live)
+            _event("parked" if parked is not None else "limit", "os.close", live, site, False)
+            return parked is not None
+        finally:
+            _state.busy = False
+
+
+def _acquire(path: Any, flags: int, mode: int, dir_fd: Any, ident: Ident, live: _File,
+             opener: Any) -> Tuple[int, Optional[_Parked]]:
+    """A descriptor of the live file for ``flags``: a free parked one (rewound, truncated
+    for O_TRUNC) or a new one, which is parked. (fd, None) when the limit is reached."""
+    key = flags & _STATUS_MASK
+    if not flags & os.O_EXCL:
+        for parked in _table.values():
+            if parked.ident == ident and parked.key == key and not parked.orphan \
+                    and parked.free():
+                try:
+                    os.lseek(parked.fd, 0, os.SEEK_SET)
+                    if flags & os.O_TRUNC:
+                        os.ftruncate(parked.fd, 0)
+                except OSError as exc:
+                    raise _AppError(exc) from None
+                parked.raws = []
+                parked.os_held = True
+                events.count("lock_guard_reused")
+                return parked.fd, parked
+    try:
+        if opener is not None:
+            fd = opener(path, flags)
+        else:
+            fd = _os_open(path, flags | _O_CLOEXEC, mode)
+    except BaseException as exc:
+        raise _AppError(exc) from None
+    if len(_table) >= MAX_PARKED:
+        return fd, None
+    parked = _Parked(fd, ident, key, live.db)
+    parked.os_held = True
+    _table[fd] = parked
+    return fd, parked
+
+
+def _park_foreign(fd: int, ident: Ident, live: _File) -> Optional[_Parked]:
+    """Keep a descriptor the guard did not open (from C code, or opened before the
+    connection): from now on it is parked like ours."""
+    if len(_table) >= MAX_PARKED:
+        return None
+    try:
+        import fcntl
+
+        key = fcntl.fcntl(fd, fcntl.F_GETFL) & _STATUS_MASK
+        os.set_inheritable(fd, False)
+    except (OSError, ImportError):
+        key = -1
+    parked = _Parked(fd, ident, key, live.db)
+    _table[fd] = parked
+    return parked
+
+
+# ---------------------------------------------------------------------------------------------
+# events
+
+_STDLIB = tuple({os.path.dirname(os.__file__) + os.sep})
+_HERE = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def _caller() -> str:
+    """file:line of the application's call: the first frame outside walpatch and the
+    standard library (shutil, pathlib, ...), else the nearest outside walpatch."""
+    frame: Any = sys._getframe(1)
+    nearest = None
+    while frame is not None:
+        filename = frame.f_code.co_filename
+        if not filename.startswith(_HERE):
+            if nearest is None:
+                nearest = f"{filename}:{frame.f_lineno}"
+            if not filename.startswith(_STDLIB) or "site-packages" in filename:
+                return f"{filename}:{frame.f_lineno}"
+        frame = frame.f_back
+    return nearest or "?"
+
+
+def _locks_on(ident: Ident) -> str:
+    """What this process holds on the inode, from /proc/locks (Linux), e.g. "2 READ"."""
+    pid = str(os.getpid())
+    counts: Dict[str, int] = {}
+    try:
+        with _open("/proc/locks", "rb") as f:
+            lines = f.read().decode("ascii", "replace").splitlines()
+    except OSError:
+        return "unknown"
+    for line in lines:
+        parts = line.split()
+        if "->" in parts:
+            continue
+        if len(parts) >= 6 and parts[1] in ("POSIX", "OFDLCK") and parts[4] == pid:
+            dev_ino = parts[5].split(":")
+            if len(dev_ino) == 3 and int(dev_ino[2]) == ident[1]:
+                counts[parts[3]] = counts.get(parts[3], 0) + 1
+    return ", ".join(f"{n} {kind}" for kind, n in sorted(counts.items())) or "none"
+
+
+def _event(action: str, op: str, live: _File, site: str, writing: bool) -> None:
+    if writing:
+        events.count("lock_guard_writes")
+    events.count({"parked": "lock_guard_parked", DETECT: "lock_guard_detected"}.get(
+        action, "lock_guard_unprotected"))
+    key = f"{site}|{op}|{action}"
+    if (key, live.path) in _seen:
+        return  # once per call site (still counted)
+    _seen.add((key, live.path))
+    ident = next((i for i, f in _idents.items() if f is live), None)
+    held = _locks_on(ident) if ident else "unknown"
+    what = "the database" if live.path == live.db.path else "a sidecar of the database"
+    if action == "parked":
+        text = (f"walpatch: {op} of {live.path} ({what} {live.db.path}, in use by SQLite in "
+                f"this process) at {site}: served from a parked descriptor, so closing it does "
+                f"not release this process's locks ({held})")
+    elif action == DETECT:
+        text = (f"walpatch: {op} of {live.path} ({what} {live.db.path}, in use by SQLite in "
+                f"this process) at {site}: closing this descriptor releases every lock this "
+                f"process holds on the file ({held}); lock_guard=protect would keep them")
+    else:
+        text = (f"walpatch: {op} of {live.path} at {site}: {MAX_PARKED} descriptors are "
+                "parked already; this one is NOT protected, its close releases SQLite's locks")
+    level = logging.ERROR if writing or action == "limit" else logging.WARNING
+    if writing:
+        text += "; the application WRITES to a database file SQLite has open"
+    events.emit("lock-guard", level, text, dedupe_key=key, file=live.path,
+                database=live.db.path, caller=site, action=action, operation=op,
+                locks=held, writing=writing or None)
+
+
+_seen: Set[Tuple[str, str]] = set()
+
+
+def _internal_error(exc: BaseException) -> None:
+    global _failed_once
+    if not _failed_once:
+        _failed_once = True
+        try:
+            sys.stderr.write(f"walpatch: lock guard internal error, passing through: {exc!r}\n")
+        except Exception:  # noqa: BLE001
+            pass
+    events.count("lock_guard_errors")
+
+
+# ---------------------------------------------------------------------------------------------
+# arming
+
+def _effective_mode() -> str:
+    config = runtime.config
+    if config is None:
+        return OFF
+    mode = config.lock_guard
+    if mode == PROTECT and config.observe:
+        return DETECT  # observe mode changes nothing
+    return mode
+
+
+def _like(function: Any, original: Any) -> Any:
+    for attr in ("__name__", "__qualname__", "__doc__", "__module__"):
+        try:
+            setattr(function, attr, getattr(original, attr))
+        except (AttributeError, TypeError):
+            pass
+    function.__wrapped__ = original
+    return function
+
+
+def arm() -> None:
+    """Install the wrappers (at the first tracked connection), or apply a new mode."""
+    global _armed, _mode, _fork_handler
+    with _lock:
+        mode = _effective_mode()
+        if mode == OFF:
+            disarm()
+            return
+        _mode = mode
+        if not _armed:
+            builtins.open = io.open = _OPEN  # type: ignore[assignment]
+            os.open = _OS_OPEN  # type: ignore[assignment]
+            os.close = _OS_CLOSE  # type: ignore[assignment]
+            _armed = True
+        if not _fork_handler and hasattr(os, "register_at_fork"):
+            os.register_at_fork(after_in_child=_after_fork_in_child)
+            _fork_handler = True
+
+
+def disarm() -> None:
+    """Put the originals back where they are still ours. Parked descriptors stay parked and
+    are closed with their last connection (closing them now would drop its locks)."""
+    global _armed
+    with _lock:
+        if builtins.open is _OPEN:
+            builtins.open = _open
+        if io.open is _OPEN:
+            io.open = _open
+        if os.open is _OS_OPEN:
+            os.open = _os_open
+        if os.close is _OS_CLOSE:
+            os.close = _os_close
+        _armed = False
+
+
+def apply() -> None:
+    """install() with new settings: re-arm with the new mode if the guard is in use."""
+    if _live and _effective_mode() != OFF:
+        arm()
+    else:
+        disarm()
+
+
+def _after_fork_in_child() -> None:
+    # The child holds no POSIX locks (they are not inherited): its free parked descriptors
+    # can be closed, and the parent's connections are not the child's to guard.
+    global _lock
+    _lock = threading.RLock()
+    for parked in list(_table.values()):
+        if parked.free():
+            try:
+                _os_close(parked.fd)
+            except OSError:
+                pass
+    _table.clear()
+    _live.clear()
+    _idents.clear()
+    _memo.clear()
+
+
+def parked_descriptors() -> List[int]:
+    """The descriptors the guard keeps open now (for tests and `status`)."""
+    with _lock:
+        return sorted(_table)
+
+
+_OPEN = _like(guarded_open, _open)
+_OS_OPEN = _like(guarded_os_open, _os_open)
+_OS_CLOSE = _like(guarded_os_close, _os_close)
