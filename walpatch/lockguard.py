@@ -166,6 +166,7 @@ def track(conn: Any) -> None:
         with _lock:
             _live[key] = _Conn(ref(conn, _callback(key)), path)
             _pending = True
+            _close_orphans()
             if not _armed or _mode != _effective_mode():
                 arm()
     except Exception as exc:  # noqa: BLE001 - fail open
@@ -423,20 +424,23 @@ class _AppError(Exception):
         self.error = error
 
 
-def guarded_open(file: Any, mode: str = "r", buffering: int = -1, encoding: Any = None,
-                 errors: Any = None, newline: Any = None, closefd: bool = True,
-                 opener: Any = None) -> Any:
+def guarded_open(*args: Any, **kwargs: Any) -> Any:
+    # *args/**kwargs: a wrong call raises the original's own TypeError, word for word.
     if _live:
         # Fast path: a path string seen less than _MEMO_TTL ago, not a live file's.
         try:
-            hit = _memo.get(file)
+            hit = _memo.get(args[0] if args else kwargs.get("file"))
         except TypeError:
             hit = None
         if hit is None or hit[0] in _idents or hit[1] < _monotonic() or _pending:
             if _armed and not getattr(_state, "busy", False):
                 try:
-                    result = _guard_open(file, mode, buffering, encoding, errors, newline,
-                                         closefd, opener)
+                    try:
+                        bound = _open_arguments(*args, **kwargs)
+                    except TypeError:
+                        result = None  # the original raises its own error
+                    else:
+                        result = _guard_open(*bound)
                 except _AppError as exc:
                     raise exc.error from None
                 except Exception as exc:  # noqa: BLE001 - fail open
@@ -444,13 +448,29 @@ def guarded_open(file: Any, mode: str = "r", buffering: int = -1, encoding: Any 
                 else:
                     if result is not None:
                         return result
-    return _open(file, mode, buffering, encoding, errors, newline, closefd, opener)
+    return _open(*args, **kwargs)
 
 
-def guarded_os_open(path: Any, flags: int, mode: int = 0o777, *, dir_fd: Any = None) -> int:
+def _open_arguments(file: Any, mode: str = "r", buffering: int = -1, encoding: Any = None,
+                    errors: Any = None, newline: Any = None, closefd: bool = True,
+                    opener: Any = None) -> Tuple[Any, ...]:
+    return file, mode, buffering, encoding, errors, newline, closefd, opener
+
+
+def _os_open_arguments(path: Any, flags: int, mode: int = 0o777, *,
+                       dir_fd: Any = None) -> Tuple[Any, ...]:
+    return path, flags, mode, dir_fd
+
+
+def guarded_os_open(*args: Any, **kwargs: Any) -> int:
     if _live and _armed and not getattr(_state, "busy", False):
         try:
-            fd = _guard_os_open(path, flags, mode, dir_fd)
+            try:
+                bound = _os_open_arguments(*args, **kwargs)
+            except TypeError:
+                fd = None  # the original raises its own error
+            else:
+                fd = _guard_os_open(*bound)
         except _AppError as exc:
             raise exc.error from None
         except Exception as exc:  # noqa: BLE001 - fail open
@@ -458,13 +478,14 @@ def guarded_os_open(path: Any, flags: int, mode: int = 0o777, *, dir_fd: Any = N
         else:
             if fd is not None:
                 return fd
-    return _os_open(path, flags, mode, dir_fd=dir_fd)
+    return _os_open(*args, **kwargs)
 
 
-def guarded_os_close(fd: int) -> None:
-    if (_live or _table) and _armed and not getattr(_state, "busy", False):
+def guarded_os_close(*args: Any, **kwargs: Any) -> None:
+    if (_live or _table) and _armed and len(args) == 1 and not kwargs \
+            and not getattr(_state, "busy", False):
         try:
-            handled = _guard_close(fd)
+            handled = _guard_close(args[0])
         except _AppError as exc:
             raise exc.error from None
         except Exception as exc:  # noqa: BLE001 - fail open
@@ -472,7 +493,7 @@ def guarded_os_close(fd: int) -> None:
         else:
             if handled:
                 return None
-    return _os_close(fd)
+    return _os_close(*args, **kwargs)
 
 
 def _flags_for(mode: Any) -> Optional[int]:
@@ -528,7 +549,7 @@ def _guard_open(file: Any, mode: Any, buffering: Any, encoding: Any, errors: Any
         raise _AppError(exc) from None
     raw = getattr(getattr(f, "buffer", f), "raw", getattr(f, "buffer", f))
     try:
-        raw.name = file
+        raw.name = os.fspath(file)  # what open() names it
     except (AttributeError, TypeError):
         pass
     parked.raws = [r for r in parked.raws if r() is not None and not r().closed]
@@ -546,7 +567,7 @@ def _wrap_fd(fd: int, file: Any, mode: Any, buffering: Any, encoding: Any, error
         raise _AppError(exc) from None
     raw = getattr(getattr(f, "buffer", f), "raw", getattr(f, "buffer", f))
     try:
-        raw.name = file
+        raw.name = os.fspath(file)  # what open() names it
     except (AttributeError, TypeError):
         pass
     return f
@@ -628,6 +649,7 @@ def _guard_close(fd: Any) -> bool:
                 parked.os_held = False
                 return True
             if not _live:
+                _close_orphans()  # of connections dropped without close()
                 return False
             found = _live_fd(fd)
             if found is None:
