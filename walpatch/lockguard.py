@@ -85,6 +85,8 @@ _table: Dict[int, "_Parked"] = {}
 
 _pending = False  # a tracked connection whose file is not resolved yet
 _monotonic = time.monotonic
+_stat = os.stat
+_fstat = os.fstat
 
 _mode = OFF  # the effective mode while armed
 _armed = False
@@ -426,29 +428,49 @@ class _AppError(Exception):
 
 def guarded_open(*args: Any, **kwargs: Any) -> Any:
     # *args/**kwargs: a wrong call raises the original's own TypeError, word for word.
-    if _live:
-        # Fast path: a path string seen less than _MEMO_TTL ago, not a live file's.
-        try:
-            hit = _memo.get(args[0] if args else kwargs.get("file"))
-        except TypeError:
-            hit = None
-        if hit is None or hit[0] in _idents or hit[1] < _monotonic() or _pending:
-            if _armed and not getattr(_state, "busy", False):
+    if _live and _needs_check(args[0] if args else kwargs.get("file")):
+        if _armed and not getattr(_state, "busy", False):
+            try:
                 try:
-                    try:
-                        bound = _open_arguments(*args, **kwargs)
-                    except TypeError:
-                        result = None  # the original raises its own error
-                    else:
-                        result = _guard_open(*bound)
-                except _AppError as exc:
-                    raise exc.error from None
-                except Exception as exc:  # noqa: BLE001 - fail open
-                    _internal_error(exc)
+                    bound = _open_arguments(*args, **kwargs)
+                except TypeError:
+                    result = None  # the original raises its own error
                 else:
-                    if result is not None:
-                        return result
+                    result = _guard_open(*bound)
+            except _AppError as exc:
+                raise exc.error from None
+            except Exception as exc:  # noqa: BLE001 - fail open
+                _internal_error(exc)
+            else:
+                if result is not None:
+                    return result
     return _open(*args, **kwargs)
+
+
+def _needs_check(file: Any) -> bool:
+    """False when ``file`` is certainly not a live file: its identity, memoized less than
+    _MEMO_TTL ago or found now with one stat, is not live. True sends the call down the
+    careful path (live, unknown, a name that ends like a live file's, or sidecars to re-stat).
+    """
+    try:
+        hit = _memo.get(file)
+    except TypeError:
+        return True
+    now = _monotonic()
+    if hit is not None and hit[1] >= now:
+        return hit[0] in _idents or _pending
+    if (_pending or type(file) is not str or file.endswith(_names)
+            or now - _sidecars_checked > _MEMO_TTL):
+        return True
+    try:
+        st = _stat(file)
+    except (OSError, ValueError):
+        return False  # open() raises (or creates a new file, which is not live)
+    ident = (st.st_dev, st.st_ino) if S_ISREG(st.st_mode) else None
+    if len(_memo) >= _MEMO_MAX:
+        _memo.clear()
+    _memo[file] = (ident, now + _MEMO_TTL)
+    return ident in _idents
 
 
 def _open_arguments(file: Any, mode: str = "r", buffering: int = -1, encoding: Any = None,
@@ -463,7 +485,8 @@ def _os_open_arguments(path: Any, flags: int, mode: int = 0o777, *,
 
 
 def guarded_os_open(*args: Any, **kwargs: Any) -> int:
-    if _live and _armed and not getattr(_state, "busy", False):
+    if _live and _armed and _needs_check(args[0] if args else kwargs.get("path")) \
+            and not getattr(_state, "busy", False):
         try:
             try:
                 bound = _os_open_arguments(*args, **kwargs)
@@ -483,7 +506,7 @@ def guarded_os_open(*args: Any, **kwargs: Any) -> int:
 
 def guarded_os_close(*args: Any, **kwargs: Any) -> None:
     if (_live or _table) and _armed and len(args) == 1 and not kwargs \
-            and not getattr(_state, "busy", False):
+            and _close_needs_check(args[0]) and not getattr(_state, "busy", False):
         try:
             handled = _guard_close(args[0])
         except _AppError as exc:
@@ -494,6 +517,26 @@ def guarded_os_close(*args: Any, **kwargs: Any) -> None:
             if handled:
                 return None
     return _os_close(*args, **kwargs)
+
+
+def _same_file(fd: int, ident: Ident) -> bool:
+    try:
+        st = _fstat(fd)
+    except OSError:
+        return False
+    return (st.st_dev, st.st_ino) == ident
+
+
+def _close_needs_check(fd: Any) -> bool:
+    """False when ``fd`` is certainly not a descriptor of a live file (one fstat)."""
+    if type(fd) is not int or fd in _table or _pending or not _live:
+        return True
+    try:
+        st = _fstat(fd)
+    except OSError:
+        return False  # the original raises its own error
+    return ((st.st_dev, st.st_ino) in _idents
+            or _monotonic() - _sidecars_checked > _MEMO_TTL)
 
 
 def _flags_for(mode: Any) -> Optional[int]:
@@ -637,6 +680,9 @@ def _guard_close(fd: Any) -> bool:
         _state.busy = True
         try:
             parked = _table.get(fd)
+            if parked is not None and not _same_file(fd, parked.ident):
+                del _table[fd]  # closed behind the guard's back and the number reused
+                parked = None
             if parked is not None:
                 if parked.orphan:
                     if parked.free() or parked.os_held:
