@@ -73,7 +73,8 @@ _lock = threading.RLock()
 _state = threading.local()  # .busy: inside the guard (an event's logging may open files)
 
 #: Truthy while some guarded connection may be open: the only test on the fast path.
-_live: Dict[int, "_Conn"] = {}
+#: Keyed by a weak reference to the connection.
+_live: Dict[Any, "_Conn"] = {}
 #: (st_dev, st_ino) -> the live file it is (database or sidecar)
 _idents: Dict[Ident, "_File"] = {}
 #: path string -> (ident or None, expiry)
@@ -98,10 +99,9 @@ _sidecars_checked = 0.0
 class _Conn:
     """One guarded connection: its database path (resolved lazily) and identity."""
 
-    __slots__ = ("ref", "path", "db")
+    __slots__ = ("path", "db")
 
-    def __init__(self, conn_ref: Any, path: str) -> None:
-        self.ref = conn_ref
+    def __init__(self, path: str) -> None:
         self.path = path
         self.db: Optional["_Db"] = None
 
@@ -161,15 +161,20 @@ def track(conn: Any) -> None:
     if config is None or config.lock_guard == OFF:
         return
     try:
-        path = _database_path(getattr(conn, "_walpatch_database", None))
-        if path is None:
-            return
-        key = id(conn)
+        database = conn._walpatch_database
+        if type(database) is str and database[:1] == "/":
+            path = database  # the common case, without a call
+        else:
+            found = _database_path(database)
+            if found is None:
+                return
+            path = found
         with _lock:
-            _live[key] = _Conn(ref(conn, _callback(key)), path)
+            _live[ref(conn, _gone)] = _Conn(path)
             _pending = True
-            _close_orphans()
-            if not _armed or _mode != _effective_mode():
+            if _table:
+                _close_orphans()
+            if not _armed:
                 arm()
     except Exception as exc:  # noqa: BLE001 - fail open
         _internal_error(exc)
@@ -182,7 +187,7 @@ def closing(base_close: Callable[..., Any]) -> Callable[..., Any]:
     def close(self: Any) -> Any:
         result = base_close(self)
         if _live:
-            _forget(id(self), None)
+            _forget(ref(self))
         return result
 
     for attr in ("__name__", "__qualname__", "__doc__"):
@@ -194,28 +199,22 @@ def closing(base_close: Callable[..., Any]) -> Callable[..., Any]:
     return close
 
 
-def _callback(key: int) -> Callable[[Any], None]:
-    def gone(conn_ref: Any) -> None:
-        _gone(key, conn_ref)
-
-    return gone
-
-
-def _gone(key: int, conn_ref: Any) -> None:
+def _gone(conn_ref: Any) -> None:
     # A connection dropped without close(): its dealloc closes SQLite's descriptor *after*
     # this callback, so parked descriptors are only marked here and closed on a later call.
     try:
-        _forget(key, conn_ref, defer=True)
+        _forget(conn_ref, defer=True)
     except Exception as exc:  # noqa: BLE001
         _internal_error(exc)
 
 
-def _forget(key: int, conn_ref: Any, defer: bool = False) -> None:
+def _forget(conn_ref: Any, defer: bool = False) -> None:
+    """``conn_ref``: the connection's weak reference (any weak reference to it compares equal
+    while it lives; the callback passes the one stored)."""
     with _lock:
-        entry = _live.get(key)
-        if entry is None or (conn_ref is not None and entry.ref is not conn_ref):
+        entry = _live.pop(conn_ref, None)
+        if entry is None:
             return
-        del _live[key]
         db = entry.db
         if db is None:
             return
