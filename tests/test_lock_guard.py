@@ -368,6 +368,8 @@ def test_open_keeps_signature_and_errors(guard, tmp_path):
         lambda: open(db, "rb", encoding="utf-8"),
         lambda: open(db, "r", buffering=0),
         lambda: open(db, "x"),
+        lambda: open(str(db), "x"),
+        lambda: open(db, "rb", opener=lambda p, fl: os.open(p, fl | os.O_EXCL | os.O_CREAT)),
         lambda: open(db, closefd=False),
         lambda: open(db, "rb", opener=lambda p, fl: os.open(p, fl)),
         lambda: os.open(str(missing), os.O_RDONLY),

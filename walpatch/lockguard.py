@@ -577,7 +577,7 @@ def _guard_open(file: Any, mode: Any, buffering: Any, encoding: Any, errors: Any
             if _mode != PROTECT:
                 _event(DETECT, "open", live, site, writing)
                 return None
-            fd, parked = _acquire(file, flags, 0o666, None, ident, live, opener)
+            fd, parked = _acquire(os.fspath(file), flags, 0o666, None, ident, live, opener)
             if parked is None:
                 _event("limit", "open", live, site, writing)
                 return _wrap_fd(fd, file, mode, buffering, encoding, errors, newline, True)
@@ -716,7 +716,7 @@ def _acquire(path: Any, flags: int, mode: int, dir_fd: Any, ident: Ident, live: 
     """A descriptor of the live file for ``flags``: a free parked one (rewound, truncated
     for O_TRUNC) or a new one, which is parked. (fd, None) when the limit is reached."""
     key = flags & _STATUS_MASK
-    if not flags & os.O_EXCL:
+    if not flags & os.O_EXCL and opener is None:  # an opener is always called: it may differ
         for parked in _table.values():
             if parked.ident == ident and parked.key == key and not parked.orphan \
                     and parked.free():
