@@ -7,7 +7,8 @@ In one process, walpatch installed, a guarded connection to a WAL database kept 
 set of live files is not empty and every open() is checked). Each round runs every workload
 once with ``lock_guard=off`` (the original ``open``: nothing wrapped) and once with
 ``lock_guard=protect``, in an order that alternates from round to round; the figure is the
-median over rounds of the per-round ratio protect / off (timeit's number of calls, gc off).
+median over rounds of the per-round ratio protect / off (process CPU time of timeit's number
+of calls, gc off).
 
 Workloads, each on an unrelated small file (13 bytes):
 
@@ -30,6 +31,7 @@ import sqlite3
 import statistics
 import sys
 import tempfile
+import time
 import timeit
 from typing import Callable, Dict, List
 
@@ -78,7 +80,8 @@ def timed(fn: Callable[[], None], number: int) -> float:
     fn()
     gc.disable()
     try:
-        return timeit.timeit(fn, number=number) / number * 1e9
+        # process CPU time, as benchmarks/overhead.py: less disturbed by other processes
+        return timeit.timeit(fn, number=number, timer=time.process_time) / number * 1e9
     finally:
         gc.enable()
 

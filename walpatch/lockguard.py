@@ -427,8 +427,14 @@ class _AppError(Exception):
 
 def guarded_open(*args: Any, **kwargs: Any) -> Any:
     # *args/**kwargs: a wrong call raises the original's own TypeError, word for word.
-    if _live and _needs_check(args[0] if args else kwargs.get("file")):
-        if _armed and not getattr(_state, "busy", False):
+    if _live:
+        file = args[0] if args else kwargs.get("file")
+        try:  # the hot path, inline: a path string seen less than _MEMO_TTL ago, not live
+            hit = _memo.get(file)
+        except TypeError:
+            hit = None
+        if (hit is None or hit[1] < _monotonic() or hit[0] in _idents or _pending) \
+                and _needs_check(file) and _armed and not getattr(_state, "busy", False):
             try:
                 try:
                     bound = _open_arguments(*args, **kwargs)
@@ -453,23 +459,23 @@ def _needs_check(file: Any) -> bool:
     """
     try:
         hit = _memo.get(file)
-    except TypeError:
+        now = _monotonic()
+        if hit is not None and hit[1] >= now:
+            return hit[0] in _idents or _pending
+        if (_pending or type(file) is not str or file.endswith(_names)
+                or now - _sidecars_checked > _MEMO_TTL):
+            return True
+        try:
+            st = _stat(file)
+        except (OSError, ValueError):
+            return False  # open() raises (or creates a new file, which is not live)
+        ident = (st.st_dev, st.st_ino) if S_ISREG(st.st_mode) else None
+        if len(_memo) >= _MEMO_MAX:
+            _memo.clear()
+        _memo[file] = (ident, now + _MEMO_TTL)
+        return ident in _idents
+    except Exception:  # noqa: BLE001 - unhashable, or anything odd: the careful path decides
         return True
-    now = _monotonic()
-    if hit is not None and hit[1] >= now:
-        return hit[0] in _idents or _pending
-    if (_pending or type(file) is not str or file.endswith(_names)
-            or now - _sidecars_checked > _MEMO_TTL):
-        return True
-    try:
-        st = _stat(file)
-    except (OSError, ValueError):
-        return False  # open() raises (or creates a new file, which is not live)
-    ident = (st.st_dev, st.st_ino) if S_ISREG(st.st_mode) else None
-    if len(_memo) >= _MEMO_MAX:
-        _memo.clear()
-    _memo[file] = (ident, now + _MEMO_TTL)
-    return ident in _idents
 
 
 def _open_arguments(file: Any, mode: str = "r", buffering: int = -1, encoding: Any = None,
