@@ -18,6 +18,7 @@ import shutil
 import sqlite3
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -255,9 +256,30 @@ def test_connection_dropped_without_close_releases_later(guard, tmp_path):
     assert len(lockguard.parked_descriptors()) == 1
     del a
     gc.collect()
-    os.close(os.open(os.devnull, os.O_RDONLY))  # any later guarded call closes the orphans
+    assert len(lockguard.parked_descriptors()) == 1  # noticed on the next connect, or:
+    time.sleep(1.1)  # ... the next open() of a new name, at most once a second
+    (tmp_path / "other.txt").write_text("x")
     assert lockguard.parked_descriptors() == []
     assert open_fds() == before
+
+
+def test_parked_descriptor_kept_while_an_unguarded_connection_has_the_file(tmp_path):
+    """A connection made before install() shares the inode: closing the parked descriptor
+    after the last *guarded* connection closes would drop its lock, so it stays parked."""
+    db = tmp_path / "shared.db"
+    make_db(db, "delete")
+    unguarded = _hold_write_lock(db)  # before install(): not guarded
+    events.reset()
+    walpatch.install(lock_guard="protect")
+    try:
+        a = sqlite3.connect(str(db))
+        open(db, "rb").close()
+        a.close()
+        assert len(lockguard.parked_descriptors()) == 1
+        assert not other_process_can_write(db)  # the unguarded connection's lock survived
+    finally:
+        walpatch.uninstall()
+        unguarded.close()
 
 
 def test_two_connections_keep_parked_until_the_last_closes(guard, tmp_path):

@@ -38,7 +38,7 @@ import sys
 import threading
 import time
 from stat import S_ISREG
-from typing import Any, Callable, Dict, List, Optional, Set, Tuple
+from typing import Any, Callable, Dict, List, Optional, Set, Tuple, Union
 from weakref import ref
 
 from . import events, runtime
@@ -74,7 +74,10 @@ _state = threading.local()  # .busy: inside the guard (an event's logging may op
 
 #: Truthy while some guarded connection may be open: the only test on the fast path.
 #: Keyed by a weak reference to the connection.
-_live: Dict[Any, "_Conn"] = {}
+#: id(connection) -> (weak reference, database path until the first check resolves it
+#: into a _Conn).
+_live: Dict[int, Tuple[Any, Union[str, "_Conn"]]] = {}
+_sweep_at = 64
 #: (st_dev, st_ino) -> the live file it is (database or sidecar)
 _idents: Dict[Ident, "_File"] = {}
 #: path string -> (ident or None, expiry)
@@ -97,13 +100,13 @@ _sidecars_checked = 0.0
 
 
 class _Conn:
-    """One guarded connection: its database path (resolved lazily) and identity."""
+    """One guarded connection whose database file has been identified."""
 
     __slots__ = ("path", "db")
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, db: "_Db") -> None:
         self.path = path
-        self.db: Optional["_Db"] = None
+        self.db = db
 
 
 class _Db:
@@ -155,7 +158,8 @@ class _Parked:
 # registration (called by hooks.py at connect and by the guarded class's close())
 
 def track(conn: Any) -> None:
-    """Record a new guarded connection (no system call: the path is resolved on first need)."""
+    """Record a new guarded connection. Runs on every connect(): no system call (the path
+    is resolved on the first check), no lock (dict operations are atomic)."""
     global _pending
     config = runtime.config
     if config is None or config.lock_guard == OFF:
@@ -169,13 +173,16 @@ def track(conn: Any) -> None:
             if found is None:
                 return
             path = found
-        with _lock:
-            _live[ref(conn, _gone)] = _Conn(path)
-            _pending = True
-            if _table:
+        key = id(conn)
+        if key in _live or len(_live) >= _sweep_at:
+            _sweep()  # connections dropped without close() (an id is reused only after)
+        _live[key] = (ref(conn), path)
+        _pending = True
+        if _table:
+            with _lock:
                 _close_orphans()
-            if not _armed:
-                arm()
+        if not _armed:
+            arm()
     except Exception as exc:  # noqa: BLE001 - fail open
         _internal_error(exc)
 
@@ -187,7 +194,9 @@ def closing(base_close: Callable[..., Any]) -> Callable[..., Any]:
     def close(self: Any) -> Any:
         result = base_close(self)
         if _live:
-            _forget(ref(self))
+            entry = _live.pop(id(self), None)
+            if entry is not None and entry[1].__class__ is _Conn:
+                _release(entry[1].db)
         return result
 
     for attr in ("__name__", "__qualname__", "__doc__"):
@@ -199,44 +208,70 @@ def closing(base_close: Callable[..., Any]) -> Callable[..., Any]:
     return close
 
 
-def _gone(conn_ref: Any) -> None:
-    # A connection dropped without close(): its dealloc closes SQLite's descriptor *after*
-    # this callback, so parked descriptors are only marked here and closed on a later call.
+def _sweep() -> None:
+    """Forget connections that were garbage-collected without close() (SQLite closed their
+    descriptors in their dealloc, so their parked descriptors can be closed now)."""
+    global _sweep_at
+    for key, (conn_ref, info) in list(_live.items()):
+        if conn_ref() is None and _live.get(key, (None,))[0] is conn_ref:
+            del _live[key]
+            if isinstance(info, _Conn):
+                _release(info.db)
+    _sweep_at = max(64, 2 * len(_live))
+
+
+def _release(db: "_Db") -> None:
+    """One guarded connection to ``db`` is gone; after the last, its files are not live."""
     try:
-        _forget(conn_ref, defer=True)
-    except Exception as exc:  # noqa: BLE001
+        with _lock:
+            db.users -= 1
+            if db.users > 0:
+                return
+            _idents.pop(db.ident, None)
+            for ident in db.sidecars:
+                _idents.pop(ident, None)
+            _rebuild_names()
+            for parked in list(_table.values()):
+                if parked.db is db:
+                    parked.orphan = True
+            _close_orphans()
+    except Exception as exc:  # noqa: BLE001 - fail open
         _internal_error(exc)
 
 
-def _forget(conn_ref: Any, defer: bool = False) -> None:
-    """``conn_ref``: the connection's weak reference (any weak reference to it compares equal
-    while it lives; the callback passes the one stored)."""
-    with _lock:
-        entry = _live.pop(conn_ref, None)
-        if entry is None:
-            return
-        db = entry.db
-        if db is None:
-            return
-        db.users -= 1
-        if db.users > 0:
-            return
-        _idents.pop(db.ident, None)
-        for ident in db.sidecars:
-            _idents.pop(ident, None)
-        _rebuild_names()
-        for parked in list(_table.values()):
-            if parked.db is db:
-                parked.orphan = True
-        if not defer:
-            _close_orphans()
-
-
 def _close_orphans() -> None:
-    for fd, parked in list(_table.items()):
-        if parked.orphan and parked.free():
-            del _table[fd]
+    """Really close the parked descriptors of files no guarded connection uses any more,
+    unless another descriptor of the file is still open in this process (SQLite's own, in
+    the middle of closing, or an unguarded connection's): its locks would go with them."""
+    ready = [p for p in _table.values() if p.orphan and p.free()]
+    if not ready:
+        return
+    busy = _idents_open_elsewhere({p.ident for p in ready})
+    for parked in ready:
+        if parked.ident not in busy and _table.get(parked.fd) is parked:
+            del _table[parked.fd]
             _really_close(parked)
+
+
+def _idents_open_elsewhere(idents: Set[Ident]) -> Set[Ident]:
+    """Which of ``idents`` a descriptor other than the parked ones refers to (/proc/self/fd;
+    where that cannot be read, all of them: keeping a descriptor is the safe side)."""
+    try:
+        names = os.listdir("/proc/self/fd")
+    except OSError:
+        return set(idents)
+    found: Set[Ident] = set()
+    for name in names:
+        if not name.isdigit() or int(name) in _table:
+            continue
+        try:
+            st = os.stat("/proc/self/fd/" + name)  # follows the link: opens nothing
+        except OSError:
+            continue
+        ident = (st.st_dev, st.st_ino)
+        if ident in idents:
+            found.add(ident)
+    return found
 
 
 def _really_close(parked: _Parked) -> None:
@@ -286,11 +321,12 @@ def _resolve() -> None:
     """Give every newly tracked connection its identity (stat of its database file)."""
     global _pending
     _pending = False
-    for conn in list(_live.values()):
-        if conn.db is not None:
+    _sweep()
+    for key, (conn_ref, path) in list(_live.items()):
+        if not isinstance(path, str):
             continue
         try:
-            st = os.stat(conn.path)
+            st = os.stat(path)
         except OSError:
             _pending = True  # not created yet (or gone): tried again on the next check
             continue
@@ -298,11 +334,12 @@ def _resolve() -> None:
         found = _idents.get(ident)
         db = found.db if found is not None and found.db.ident == ident else None
         if db is None:
-            db = _Db(ident, os.path.realpath(conn.path))
+            db = _Db(ident, os.path.realpath(path))
             _idents[ident] = _File(db, db.path)
             _refresh_sidecars(db)
-        db.users += 1
-        conn.db = db
+        if _live.get(key, (None,))[0] is conn_ref:  # not closed meanwhile
+            db.users += 1
+            _live[key] = (conn_ref, _Conn(path, db))
     _rebuild_names()
 
 
@@ -330,8 +367,9 @@ def _refresh_all() -> None:
     global _sidecars_checked
     _sidecars_checked = time.monotonic()
     seen: Set[int] = set()
-    for conn in list(_live.values()):
-        if conn.db is not None and id(conn.db) not in seen:
+    _sweep()
+    for _, conn in list(_live.values()):
+        if isinstance(conn, _Conn) and id(conn.db) not in seen:
             seen.add(id(conn.db))
             _refresh_sidecars(conn.db)
 
@@ -339,9 +377,10 @@ def _refresh_all() -> None:
 def _rebuild_names() -> None:
     global _names
     names: Set[str] = set()
-    for conn in _live.values():
-        base = os.path.basename(conn.path)
-        real = os.path.basename(conn.db.path) if conn.db is not None else base
+    for _, conn in list(_live.values()):
+        path = conn if isinstance(conn, str) else conn.path
+        base = os.path.basename(path)
+        real = os.path.basename(conn.db.path) if isinstance(conn, _Conn) else base
         for name in {base, real}:
             names.add(name)
             names.update(name + s for s in SUFFIXES)
