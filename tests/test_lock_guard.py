@@ -342,6 +342,26 @@ def test_fork_child_closes_its_parked_copies(guard, tmp_path):
     a.close()
 
 
+def test_exec_child_does_not_inherit_parked_descriptors(guard, tmp_path):
+    db = tmp_path / "exec.db"
+    make_db(db)
+    a = sqlite3.connect(str(db))
+    a.execute("SELECT 1 FROM t").fetchone()
+    open(db, "rb").close()
+    fd = os.open(str(db), os.O_RDONLY)
+    os.set_inheritable(fd, True)  # the application asked for it, then "closed" it
+    os.close(fd)
+    assert lockguard.parked_descriptors() == [fd]  # the same descriptor, reused
+    assert not os.get_inheritable(fd)
+    code = ("import os, sys; ino = os.stat(sys.argv[1]).st_ino; "
+            "print(sum(os.stat('/proc/self/fd/' + n).st_ino == ino "
+            "for n in os.listdir('/proc/self/fd') if os.path.exists('/proc/self/fd/' + n)))")
+    out = subprocess.run([sys.executable, "-c", code, str(db)], close_fds=False,
+                         capture_output=True, text=True, env=_plain_env(), timeout=60)
+    assert out.stdout.strip() == "0", out
+    a.close()
+
+
 def _outcome(call):
     try:
         value = call()

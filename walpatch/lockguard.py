@@ -737,6 +737,8 @@ def _guard_close(fd: Any) -> bool:
                 if parked.free():  # closed already, from the application's point of view
                     raise _AppError(OSError(errno.EBADF, os.strerror(errno.EBADF)))
                 parked.os_held = False
+                if parked.free():
+                    os.set_inheritable(fd, False)  # "closed": must not reach an exec'd child
                 return True
             if not _live:
                 _close_orphans()  # of connections dropped without close()
@@ -766,6 +768,7 @@ def _acquire(path: Any, flags: int, mode: int, dir_fd: Any, ident: Ident, live: 
             if parked.ident == ident and parked.key == key and not parked.orphan \
                     and parked.free():
                 try:
+                    os.set_inheritable(parked.fd, False)  # as a new descriptor is
                     os.lseek(parked.fd, 0, os.SEEK_SET)
                     if flags & os.O_TRUNC:
                         os.ftruncate(parked.fd, 0)
