@@ -277,6 +277,10 @@ def test_parked_descriptor_kept_while_an_unguarded_connection_has_the_file(tmp_p
         a.close()
         assert len(lockguard.parked_descriptors()) == 1
         assert not other_process_can_write(db)  # the unguarded connection's lock survived
+        unguarded.close()
+        time.sleep(1.1)  # the check runs at most once a second
+        os.close(os.open(os.devnull, os.O_RDONLY))
+        assert lockguard.parked_descriptors() == []  # closed once nothing else has the file
     finally:
         walpatch.uninstall()
         unguarded.close()

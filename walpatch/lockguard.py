@@ -97,6 +97,7 @@ _armed = False
 _fork_handler = False
 _failed_once = False
 _sidecars_checked = 0.0
+_orphans_checked = 0.0
 
 
 class _Conn:
@@ -234,18 +235,24 @@ def _release(db: "_Db") -> None:
             for parked in list(_table.values()):
                 if parked.db is db:
                     parked.orphan = True
-            _close_orphans()
+            _close_orphans(force=True)
     except Exception as exc:  # noqa: BLE001 - fail open
         _internal_error(exc)
 
 
-def _close_orphans() -> None:
+def _close_orphans(force: bool = False) -> None:
     """Really close the parked descriptors of files no guarded connection uses any more,
     unless another descriptor of the file is still open in this process (SQLite's own, in
-    the middle of closing, or an unguarded connection's): its locks would go with them."""
+    the middle of closing, or an unguarded connection's): its locks would go with them.
+    Unless ``force``d (a release), at most once a second: it reads /proc/self/fd."""
+    global _orphans_checked
     ready = [p for p in _table.values() if p.orphan and p.free()]
     if not ready:
         return
+    now = _monotonic()
+    if not force and now - _orphans_checked < _MEMO_TTL:
+        return
+    _orphans_checked = now
     busy = _idents_open_elsewhere({p.ident for p in ready})
     for parked in ready:
         if parked.ident not in busy and _table.get(parked.fd) is parked:
@@ -728,11 +735,11 @@ def _guard_close(fd: Any) -> bool:
                 del _table[fd]  # closed behind the guard's back and the number reused
                 parked = None
             if parked is not None:
-                if parked.orphan:
-                    if parked.free() or parked.os_held:
+                if parked.orphan:  # no guarded connection left: really close it, unless
+                    parked.os_held = False  # another descriptor of the file is open
+                    if parked.free() and not _idents_open_elsewhere({parked.ident}):
                         del _table[fd]
-                        _close_orphans()
-                        return False  # really close it now (no guarded connection left)
+                        return False
                     return True
                 if parked.free():  # closed already, from the application's point of view
                     raise _AppError(OSError(errno.EBADF, os.strerror(errno.EBADF)))
