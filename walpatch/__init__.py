@@ -7,6 +7,7 @@ when sqlite3 is not imported yet, so it is cheap enough to run at interpreter st
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 from typing import Any, Dict
 
@@ -56,6 +57,9 @@ def install(**settings: Any) -> bool:
                 _log_warnings([sink_error])
             runtime.config = config
             hooks.patch()
+            lockguard = sys.modules.get("walpatch.lockguard")  # loaded at the first connect
+            if lockguard is not None:
+                lockguard.apply()
         except Exception as exc:  # fail open: the application runs on unprotected
             events.logger.error("walpatch: install failed, sqlite3 is NOT guarded: %r", exc)
             return False
@@ -75,6 +79,9 @@ def uninstall() -> None:
     with _lock:
         hooks.unpatch()
         runtime.config = None
+        lockguard = sys.modules.get("walpatch.lockguard")
+        if lockguard is not None:
+            lockguard.disarm()
 
 
 def is_installed() -> bool:

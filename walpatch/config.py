@@ -36,6 +36,7 @@ _DEFAULTS: Dict[str, Any] = {
     "event_file": None,
     "wal_reset_bug": "warn",
     "on_refusal": "raise",
+    "lock_guard": "protect",
 }
 
 
@@ -63,6 +64,7 @@ class Config:
     event_file: Optional[str]
     wal_reset_bug: str
     on_refusal: str
+    lock_guard: str
     #: Not a setting: which settings came from where, for `walpatch status`.
     sources: Tuple[Tuple[str, str], ...]
 
@@ -228,6 +230,14 @@ def _parse_on_refusal(raw: Any) -> str:
     return word
 
 
+def _parse_lock_guard(raw: Any) -> str:
+    """The lock guard (walpatch/lockguard.py): protect, detect or off."""
+    word = str(raw).strip().lower()
+    if word not in ("protect", "detect", "off"):
+        raise ValueError("one of protect, detect, off")
+    return word
+
+
 # setting name -> (environment variable, parser)
 SETTINGS: Dict[str, Tuple[str, Callable[[Any], Any]]] = {
     "mode": ("WALPATCH", _parse_mode),
@@ -244,6 +254,7 @@ SETTINGS: Dict[str, Tuple[str, Callable[[Any], Any]]] = {
     "event_file": ("WALPATCH_EVENT_FILE", _parse_event_file),
     "wal_reset_bug": ("WALPATCH_WAL_RESET_BUG", _parse_wal_reset_bug),
     "on_refusal": ("WALPATCH_ON_REFUSAL", _parse_on_refusal),
+    "lock_guard": ("WALPATCH_LOCK_GUARD", _parse_lock_guard),
 }
 
 

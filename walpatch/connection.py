@@ -22,7 +22,7 @@ import threading
 from types import ModuleType
 from typing import Any, Dict, Tuple
 
-from . import events, guard
+from . import events, guard, lockguard
 from .errors import refusal_class_for
 from .sqlscan import _CACHE as _PLANS
 from .sqlscan import scan
@@ -288,12 +288,15 @@ def _make_connection_class(base: Any, module: ModuleType, kit: guard.Kit) -> typ
     default_cursor = module.Cursor
 
     namespace: Dict[str, Any] = {
-        # what connect() was given (set by hooks.py), to explain a silent refusal of WAL
-        "__slots__": ("_walpatch_database",),
+        # what connect() was given (set by hooks.py), to explain a silent refusal of WAL;
+        # __weakref__: the lock guard notices a connection dropped without close()
+        "__slots__": ("_walpatch_database",) + (
+            () if base.__weakrefoffset__ else ("__weakref__",)),
         "__module__": base.__module__,
         "__qualname__": base.__qualname__,
         "__doc__": base.__doc__,
         GUARDED_MARK: True,
+        "close": lockguard.closing(base.close),  # the lock guard releases after close()
     }
 
     if base.cursor is not module.Connection.cursor:

@@ -47,6 +47,12 @@ COUNTERS = (
     "observed_would_avoid",
     "wal_reset_bug_warnings",
     "events_dropped",
+    "lock_guard_parked",
+    "lock_guard_reused",
+    "lock_guard_detected",
+    "lock_guard_writes",
+    "lock_guard_unprotected",
+    "lock_guard_errors",
 )
 
 

@@ -65,8 +65,8 @@ def _make_wrapper(dbapi: ModuleType) -> Any:
     # The guard (connection.py and what it imports) is loaded at the first connect(), not when
     # the application imports sqlite3: an application that imports sqlite3 and never
     # connects does not pay for it. Holds (guarded_connection_class, events.count,
-    # sqliteinfo.watch_connect) once loaded.
-    loaded: List[Tuple[Callable[..., Any], Callable[..., Any], Callable[..., Any]]] = []
+    # sqliteinfo.watch_connect, lockguard.track) once loaded.
+    loaded: List[Tuple[Callable[..., Any], ...]] = []
     warn_positional = _KEYWORD_AFTER_FIRST and dbapi.__name__ == "sqlite3.dbapi2"
 
     def connect_wrapper(
@@ -85,11 +85,12 @@ def _make_wrapper(dbapi: ModuleType) -> Any:
             if not loaded:
                 from .connection import guarded_connection_class
                 from .events import count
+                from .lockguard import track
                 from .sqliteinfo import watch_connect
 
                 # One item, replaced whole: threads racing through here all store the same tuple.
-                loaded[:] = [(guarded_connection_class, count, watch_connect)]
-            factory, count, watch = loaded[0]
+                loaded[:] = [(guarded_connection_class, count, watch_connect, track)]
+            factory, count, watch, track = loaded[0]
             positional = len(args) > FACTORY_POSITION
             given = args[FACTORY_POSITION] if positional else kwargs.get("factory", default)
             if isinstance(given, functools.partial):
@@ -106,18 +107,21 @@ def _make_wrapper(dbapi: ModuleType) -> Any:
         else:
             kwargs["factory"] = guarded
         conn = wrapped(*args, **kwargs)
+        database = args[0] if args else kwargs.get("database")
         if getattr(type(conn), _GUARDED_MARK, False):
             try:  # no __init__ override: one Python frame less on every connect
-                conn._walpatch_database = args[0] if args else kwargs.get("database")
+                conn._walpatch_database = database
             except AttributeError:
                 pass
             count("connections")
-            watch(dbapi, conn._walpatch_database)  # WAL-reset bug: a WAL file is WAL use
+            watch(dbapi, database)  # WAL-reset bug: a connection to a WAL file is WAL use
+            track(conn)  # the lock guard (lockguard.py); returns at once when it is off
             return conn
         try:  # a factory that is not a class made it: guard it if its class allows
             if _guard_result(conn, given, factory, dbapi):
                 count("connections")
-                watch(dbapi, args[0] if args else kwargs.get("database"))
+                watch(dbapi, database)
+                track(conn)
         except Exception as exc:  # the connection is the application's: hand it over
             _fall_back(exc)
         return conn
