@@ -28,6 +28,16 @@
  * obj.execute(...) makes no bound method), __get__ returning a bound method otherwise, and an
  * instance __dict__ for __name__/__qualname__/__doc__/__wrapped__.
  *
+ * Two shortcuts, both measured with callgrind (benchmarks/callgrind_hotpath.py):
+ *   - a memo of the last SQL object whose plan was None (a strong reference, exact str only),
+ *     compared by identity: a loop that runs the same literal skips the dict lookup. Sound
+ *     because a plan is a function of the SQL text alone (sqlscan.scan is pure) and a str is
+ *     immutable; if that contract ever changes, build with -DWALPATCH_NO_SQL_MEMO. Not in
+ *     free-threaded builds (Py_GIL_DISABLED), where swapping the memo would need atomics.
+ *   - when ``base`` is a METH_FASTCALL method descriptor (sqlite3's execute and executemany
+ *     on 3.8-3.13), its C function is called directly after the same type check the
+ *     descriptor makes; anything else goes through PyObject_Vectorcall.
+ *
  * The type is static (PyType_Ready'd in the module's exec slot): it holds no per-module state,
  * and a heap type with a vectorcall offset cannot be made from a spec on 3.8.
  */
@@ -49,7 +59,26 @@ typedef struct {
     PyObject *fallback;
     PyObject *dict;
     vectorcallfunc vectorcall;
+    PyObject *memo;            /* last exact-str SQL with plan None (GIL builds), or NULL */
+    _PyCFunctionFast direct;   /* base's C function when it is a METH_FASTCALL descriptor */
+    PyTypeObject *direct_type; /* ... and the type it applies to (borrowed from base) */
 } GuardedMethod;
+
+#if !defined(Py_GIL_DISABLED) && !defined(WALPATCH_NO_SQL_MEMO)
+#define USE_MEMO 1
+#else
+#define USE_MEMO 0
+#endif
+
+/* base(self, sql, *args): directly when base is a plain METH_FASTCALL method descriptor */
+static PyObject *
+call_base(GuardedMethod *m, PyObject *const *args, size_t nargsf)
+{
+    if (m->direct != NULL && PyObject_TypeCheck(args[0], m->direct_type)) {
+        return m->direct(args[0], args + 1, PyVectorcall_NARGS(nargsf) - 1);
+    }
+    return PyObject_Vectorcall(m->base, args, nargsf, NULL);
+}
 
 /* 1: found (*plan is a new reference), 0: missing, -1: error set */
 static int
@@ -81,6 +110,11 @@ gm_vectorcall(PyObject *callable, PyObject *const *args, size_t nargsf, PyObject
     if (nargs < 2 || (kwnames != NULL && PyTuple_GET_SIZE(kwnames) != 0)) {
         return PyObject_Vectorcall(m->fallback, args, nargsf, kwnames);
     }
+#if USE_MEMO
+    if (args[1] == m->memo) {
+        return call_base(m, args, nargsf);
+    }
+#endif
     found = lookup_plan(m->plans, args[1], &plan);
     if (found < 0) {
         if (!PyErr_ExceptionMatches(PyExc_TypeError) && !PyErr_ExceptionMatches(PyExc_KeyError)) {
@@ -101,7 +135,15 @@ gm_vectorcall(PyObject *callable, PyObject *const *args, size_t nargsf, PyObject
         return PyObject_Vectorcall(m->fallback, args, nargsf, kwnames);
     }
     Py_DECREF(plan);
-    return PyObject_Vectorcall(m->base, args, nargsf, kwnames);
+#if USE_MEMO
+    if (PyUnicode_CheckExact(args[1])) {
+        PyObject *old = m->memo;
+        Py_INCREF(args[1]);
+        m->memo = args[1];
+        Py_XDECREF(old);  /* a str: its deallocation runs no Python code */
+    }
+#endif
+    return call_base(m, args, nargsf);
 }
 
 static PyObject *
@@ -133,6 +175,16 @@ gm_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
     m->fallback = fallback;
     m->dict = NULL;
     m->vectorcall = gm_vectorcall;
+    m->memo = NULL;
+    m->direct = NULL;
+    m->direct_type = NULL;
+    if (Py_TYPE(base) == &PyMethodDescr_Type) {
+        PyMethodDescrObject *descr = (PyMethodDescrObject *)base;
+        if ((descr->d_method->ml_flags & ~METH_COEXIST) == METH_FASTCALL) {
+            m->direct = (_PyCFunctionFast)(void (*)(void))descr->d_method->ml_meth;
+            m->direct_type = descr->d_common.d_type;  /* base holds it; we hold base */
+        }
+    }
     PyObject_GC_Track(m);
     return (PyObject *)m;
 }
@@ -145,6 +197,7 @@ gm_traverse(GuardedMethod *m, visitproc visit, void *arg)
     Py_VISIT(m->base);
     Py_VISIT(m->fallback);
     Py_VISIT(m->dict);
+    Py_VISIT(m->memo);
     return 0;
 }
 
@@ -156,6 +209,8 @@ gm_clear(GuardedMethod *m)
     Py_CLEAR(m->base);
     Py_CLEAR(m->fallback);
     Py_CLEAR(m->dict);
+    Py_CLEAR(m->memo);
+    m->direct = NULL;
     return 0;
 }
 
