@@ -4,8 +4,9 @@
     python benchmarks/callgrind_hotpath.py [--calls 20000] [--compare walpatch-NAME=DIR ...]
 
 Timings on a shared machine move by tens of percent; instruction counts do not. For each
-variant (unpatched sqlite3, walpatch from this work tree, and any scratch copy given with
-``--compare``; ``walpatch-python`` is the work tree with WALPATCH_DISABLE_EXTENSIONS=1) and each loop (``conn.execute("SELECT ?", (i,))``, ``cur.execute(...)``), a
+variant (unpatched sqlite3, walpatch from this work tree, the same with
+WALPATCH_DISABLE_EXTENSIONS=1 as ``walpatch-python``, and any scratch copy given with
+``--compare``) and each loop (``conn.execute("SELECT ?", (i,))``, ``cur.execute(...)``), a
 fresh interpreter runs the loop under ``valgrind --tool=callgrind`` twice, with 0 and with
 ``--calls`` iterations (PYTHONHASHSEED=0); the difference divided by the calls is the
 instructions per call, start-up excluded. Needs valgrind (Debian: apt-get install valgrind).

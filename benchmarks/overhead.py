@@ -170,7 +170,6 @@ class Child:
         cur = conn.cursor()
         if base == "walpatch":
             from walpatch import connection as wc
-
             from walpatch import speedups
 
             ok = wc.is_guarded(conn) and wc.is_guarded(cur)
