@@ -30,6 +30,7 @@ def run_py(code: str, pure_python: bool, python: str = sys.executable,
     env["PYTHONDONTWRITEBYTECODE"] = "1"
     if pure_python:
         env["WALPATCH_DISABLE_EXTENSIONS"] = "1"
+    env.pop("PYTHON_GIL", None)  # free-threaded builds: the modules decide, not the caller
     env.update(extra_env or {})
     return subprocess.run([python, "-c", textwrap.dedent(code)], capture_output=True, text=True,
                           env=env, timeout=120, cwd=CHECKOUT)
@@ -101,10 +102,13 @@ def _interpreters() -> List[str]:
     found = {}
     for path in glob.glob(os.path.join(PYENV, "3.*", "bin", "python")):
         parts = os.path.basename(os.path.dirname(os.path.dirname(path))).split(".")
+        threads = len(parts) == 3 and parts[2].endswith("t")  # a free-threaded build
+        if threads:
+            parts[2] = parts[2][:-1]
         if len(parts) == 3 and all(p.isdigit() for p in parts) and int(parts[1]) >= 8:
-            key = "%s.%s" % tuple(parts[:2])
+            key = "%s.%s" % tuple(parts[:2]) + ("t" if threads else "")
             found[key] = max(found.get(key, ""), path)
-    return [found[k] for k in sorted(found, key=lambda v: int(v.split(".")[1]))]
+    return [found[k] for k in sorted(found, key=lambda v: (int(v.rstrip("t").split(".")[1]), v))]
 
 
 def test_the_extension_is_in_use_unless_disabled() -> None:
@@ -265,3 +269,44 @@ print(json.dumps({"kind": speedups.KIND, "line": line,
     assert c["where"] == [["<string>", c["line"], "DeprecationWarning"]] * 2, c
     connection_py = os.path.join(CHECKOUT, "walpatch", "connection.py")
     assert [w[0] for w in py["where"]] == [connection_py] * 2, py
+
+
+_FREE_THREADED = _PRELUDE + """
+import threading
+from walpatch import sqlscan
+errors = []
+def work(t):
+    c = sqlite3.connect(":memory:", factory=cls, check_same_thread=False)
+    k = c.cursor()
+    try:
+        for i in range(5000):
+            k.execute("SELECT ?", (i,))
+            c.execute(f"SELECT {t}, {i % 3000}")  # misses: scan() inserts, clears when full
+            if i % 250 == 0:
+                assert k.execute("PRAGMA journal_mode").fetchone() == ("memory",)
+                sqlscan._CACHE.clear()
+    except Exception as exc:
+        errors.append(repr(exc))
+    finally:
+        c.close()
+threads = [threading.Thread(target=work, args=(t,)) for t in range(4)]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+print(json.dumps({"kind": speedups.KIND, "gil": sys._is_gil_enabled(), "errors": errors}))
+"""
+
+
+def test_free_threaded_build_keeps_the_gil_off() -> None:
+    """Py_mod_gil: importing the extension on a free-threaded build does not turn the GIL
+    back on (the control is the interpreter's own state), and concurrent execute calls with
+    the plan cache being filled and cleared from other threads stay correct."""
+    pythons = [p for p in _interpreters() if "t/bin" in p]
+    if not pythons:
+        pytest.skip(f"no free-threaded CPython (3.13t+) under {PYENV}: NOT checked")
+    for python in pythons:
+        build_inplace(python)
+        # PYTHON_GIL unset: a module without Py_mod_gil would turn the GIL on at import
+        out = last_json(run_py(_FREE_THREADED, pure_python=False, python=python))
+        assert out == {"kind": "c", "gil": False, "errors": []}, (python, out)

@@ -66,6 +66,7 @@ typedef struct {
 
 #if !defined(Py_GIL_DISABLED) && !defined(WALPATCH_NO_SQL_MEMO)
 #define USE_MEMO 1
+#define MEMO_MAX_LENGTH 4096  /* never keep a huge script alive (sqlscan's key limit too) */
 #else
 #define USE_MEMO 0
 #endif
@@ -136,7 +137,7 @@ gm_vectorcall(PyObject *callable, PyObject *const *args, size_t nargsf, PyObject
     }
     Py_DECREF(plan);
 #if USE_MEMO
-    if (PyUnicode_CheckExact(args[1])) {
+    if (PyUnicode_CheckExact(args[1]) && PyUnicode_GET_LENGTH(args[1]) <= MEMO_MAX_LENGTH) {
         PyObject *old = m->memo;
         Py_INCREF(args[1]);
         m->memo = args[1];
