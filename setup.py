@@ -12,11 +12,16 @@ apart, and an sdist needs nothing beyond the package itself.
   of the editable wheel. tests/test_activation.py checks both kinds of install.
 
 Uninstalling removes the file with the package (it is listed in the wheel's RECORD).
+
+The C extension ``walpatch._speedups`` (the execute hot path, issue 14) is optional: without a
+working compiler the build prints a warning and walpatch uses its pure-Python code, which
+behaves the same. ``WALPATCH_DISABLE_EXTENSIONS=1`` at build time skips it (and at run time
+ignores a built one). ``pip install -e .`` builds it in place, next to the sources.
 """
 import os
 import runpy
 
-from setuptools import setup
+from setuptools import Extension, setup
 from setuptools.command.build_py import build_py
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -54,4 +59,11 @@ class build_py_with_pth(build_py):
         return outputs
 
 
-setup(cmdclass={"build_py": build_py_with_pth})
+def _extensions():
+    if os.environ.get("WALPATCH_DISABLE_EXTENSIONS", "").strip().lower() not in (
+            "", "0", "false", "no", "off"):
+        return []
+    return [Extension("walpatch._speedups", ["walpatch/_speedups.c"], optional=True)]
+
+
+setup(cmdclass={"build_py": build_py_with_pth}, ext_modules=_extensions())

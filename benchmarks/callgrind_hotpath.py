@@ -4,7 +4,8 @@
     python benchmarks/callgrind_hotpath.py [--calls 20000] [--compare walpatch-NAME=DIR ...]
 
 Timings on a shared machine move by tens of percent; instruction counts do not. For each
-variant (unpatched sqlite3, walpatch from this work tree, and any scratch copy given with
+variant (unpatched sqlite3, walpatch from this work tree, the same with
+WALPATCH_DISABLE_EXTENSIONS=1 as ``walpatch-python``, and any scratch copy given with
 ``--compare``) and each loop (``conn.execute("SELECT ?", (i,))``, ``cur.execute(...)``), a
 fresh interpreter runs the loop under ``valgrind --tool=callgrind`` twice, with 0 and with
 ``--calls`` iterations (PYTHONHASHSEED=0); the difference divided by the calls is the
@@ -47,6 +48,8 @@ for i in range(n):
 def count(python: str, root: Optional[str], variant: str, loop: str, n: int, tmp: str) -> int:
     env = {k: v for k, v in os.environ.items() if not k.startswith("WALPATCH")}
     env["PYTHONHASHSEED"] = "0"
+    if variant == "walpatch-python":  # the pure-Python hot path (no walpatch._speedups)
+        env["WALPATCH_DISABLE_EXTENSIONS"] = "1"
     if root is not None:
         env["PYTHONPATH"] = root
     else:
@@ -76,7 +79,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     if shutil.which("valgrind") is None:
         print("valgrind is not installed (apt-get install valgrind)", file=sys.stderr)
         return 2
-    variants: Dict[str, Optional[str]] = {"unpatched": None, "walpatch": REPO}
+    variants: Dict[str, Optional[str]] = {"unpatched": None, "walpatch": REPO,
+                                          "walpatch-python": REPO}
     for spec in args.compare:
         name, _, root = spec.partition("=")
         variants[name] = os.path.abspath(root)

@@ -11,6 +11,10 @@ Variants (each run in a fresh subprocess, so no patch leaks from one into anothe
 * ``otel``       ``opentelemetry-instrumentation-sqlite3`` with ``NoOpTracerProvider``: the
                  ``wrapt.ObjectProxy``-based peer (skipped, with the reason printed, when the
                  package is not installed);
+* ``walpatch-python`` (opt-in: ``--variants unpatched,walpatch,walpatch-python``) walpatch with
+                 ``WALPATCH_DISABLE_EXTENSIONS=1``: the pure-Python hot path, for the table
+                 beside the C one (``walpatch`` uses walpatch._speedups when it is built; each
+                 child checks which one it got);
 * ``unpatched-aa`` (full runs; ``--control``/``--no-control``) a second unpatched run, the A/A
                  control: its ratio to ``unpatched`` is the noise floor of this machine.
 
@@ -52,14 +56,16 @@ CONTROL = "unpatched-aa"
 OTEL_MODULE = "opentelemetry.instrumentation.sqlite3"
 OTEL_INSTALL = "pip install opentelemetry-instrumentation-sqlite3"
 
-#: issue 6 budgets: walpatch / unpatched, median of per-round ratios, CPython 3.11
+#: issue 14 budgets (with walpatch._speedups; issue 6's were 1.15/1.15/1.02/1.02/1.10):
+#: walpatch / unpatched, median of per-round ratios, CPython 3.11
 BUDGETS: Dict[str, float] = {
-    "tight_conn_execute": 1.15,
-    "tight_cursor_execute": 1.15,
-    "realistic_wal": 1.02,
-    "executemany_100k": 1.02,
-    "connect_close": 1.10,
+    "tight_conn_execute": 1.05,
+    "tight_cursor_execute": 1.05,
+    "realistic_wal": 1.01,
+    "executemany_100k": 1.01,
+    "connect_close": 1.05,
 }
+PURE_PYTHON = "walpatch-python"  # variant: walpatch with WALPATCH_DISABLE_EXTENSIONS=1
 
 # Sizes per workload: (full, quick). "ops" is what a per-op figure is divided by.
 SIZES: Dict[str, Tuple[int, int]] = {
@@ -164,9 +170,13 @@ class Child:
         cur = conn.cursor()
         if base == "walpatch":
             from walpatch import connection as wc
+            from walpatch import speedups
 
             ok = wc.is_guarded(conn) and wc.is_guarded(cur)
-            what = f"connection {type(conn).__module__}.{type(conn).__qualname__} guarded={ok}"
+            if self.variant == PURE_PYTHON:
+                ok = ok and speedups.KIND == "python"
+            what = (f"connection {type(conn).__module__}.{type(conn).__qualname__} "
+                    f"guarded={ok} speedups={speedups.KIND}")
         elif base == "otel":
             import wrapt
 
@@ -595,6 +605,8 @@ _variant_roots: Dict[str, str] = {}
 def child_env(variant: Optional[str] = None) -> Dict[str, str]:
     env = {k: v for k, v in os.environ.items()
            if not (k.startswith("WALPATCH") or k.startswith("OTEL_"))}
+    if variant == PURE_PYTHON:
+        env["WALPATCH_DISABLE_EXTENSIONS"] = "1"
     root = _variant_roots.get(variant or "", _walpatch_root)
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env.pop("PYTHONHASHSEED", None)

@@ -70,6 +70,7 @@ def run(with_walpatch: bool, verbose: bool = False, stream: object = None) -> di
 
         info["walpatch_stats"] = walpatch.stats()
         info["connect_is_wrapped"] = type(sqlite3.connect).__name__ == "FunctionWrapper"
+        info["speedups"] = walpatch.status()["speedups"]
     info.update(
         run=result.testsRun,
         failures=len(result.failures),

@@ -9,8 +9,10 @@ built atomically so parallel runs cannot see a half-made one).
 The differences the suite finds are inherent to instrumenting sqlite3 from Python (design.md §1,
 docs/transparency.md): walpatch hands out a *subclass* of ``sqlite3.Connection`` so that
 ``conn.execute`` can be guarded (the C type cannot be patched), so
-``type(cx) == sqlite3.Connection`` is False; and a warning raised inside C code names the
-innermost Python frame (ours).
+``type(cx) == sqlite3.Connection`` is False. With the pure-Python hot path
+(WALPATCH_DISABLE_EXTENSIONS=1, or no compiler at install), a warning raised inside sqlite3's
+C code also names the innermost Python frame (ours); the C hot path (walpatch._speedups, built
+here in place for each interpreter by tests/speedups_build.py) has no such frame.
 Each is listed below by test id *and* asserted to fail with exactly that message;
 any other difference, or a listed one that stops happening, fails this test.
 """
@@ -26,6 +28,8 @@ import tempfile
 from typing import Dict, List, Optional, Tuple
 
 import pytest
+
+from .speedups_build import build_inplace
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CHECKOUT = os.path.dirname(HERE)  # the repo root: holds the walpatch package
@@ -61,10 +65,17 @@ _WARNINGS_312 = [
 ]
 KNOWN_DIFFERENCES: Dict[str, List[Tuple[str, str, str]]] = {
     "3.11": [_TYPE_IDENTITY],
-    "3.12": [_TYPE_IDENTITY] + _WARNINGS_312,
+    # With walpatch._speedups (the default where it is built) the warnings of 3.12+ name the
+    # caller's line, as without walpatch: only type identity differs.
+    "3.12": [_TYPE_IDENTITY],
     # 3.13's deprecation of positional connect() arguments is re-issued by hooks.py on the
     # caller's line, so test_connect_positional_arguments passes with walpatch too.
-    "3.13": [_TYPE_IDENTITY] + _WARNINGS_312,
+    "3.13": [_TYPE_IDENTITY],
+}
+#: added to the above when the run uses the pure-Python hot path (WALPATCH_DISABLE_EXTENSIONS)
+PURE_PYTHON_DIFFERENCES: Dict[str, List[Tuple[str, str, str]]] = {
+    "3.12": _WARNINGS_312,
+    "3.13": _WARNINGS_312,
 }
 
 
@@ -170,6 +181,10 @@ def test_cpython_sqlite3_suite_same_with_walpatch(version: str, interpreters: di
     if base is None:
         skip_missing_interpreter(version, "its sqlite3 test suite with walpatch")
     python = python_with_wrapt(version, base)
+    pure_python = os.environ.get("WALPATCH_DISABLE_EXTENSIONS", "").strip().lower() not in (
+        "", "0", "false", "no", "off")
+    if not pure_python:
+        build_inplace(python)  # walpatch._speedups for this interpreter, next to the sources
 
     plain = run_suite(python, with_walpatch=False)
     guarded = run_suite(python, with_walpatch=True)
@@ -184,6 +199,7 @@ def test_cpython_sqlite3_suite_same_with_walpatch(version: str, interpreters: di
     assert guarded["connect_is_wrapped"] is True
     assert os.path.dirname(os.path.dirname(guarded["walpatch_file"])) == CHECKOUT
     assert guarded["walpatch_stats"]["connections"] > 100
+    assert guarded["speedups"] == ("python" if pure_python else "c")
     # The suite really ran.
     assert plain["run"] > 250, plain
 
@@ -192,7 +208,8 @@ def test_cpython_sqlite3_suite_same_with_walpatch(version: str, interpreters: di
     assert guarded["expected_failures"] == plain["expected_failures"]
     assert guarded["unexpected_successes"] == plain["unexpected_successes"]
 
-    known = KNOWN_DIFFERENCES.get(version, [])
+    known = KNOWN_DIFFERENCES.get(version, []) + (
+        PURE_PYTHON_DIFFERENCES.get(version, []) if pure_python else [])
     new_problems = sorted(set(guarded["problems"]) - set(plain["problems"]))
     gone = sorted(set(plain["problems"]) - set(guarded["problems"]))
     assert gone == [], f"tests that fail only WITHOUT walpatch: {gone}"

@@ -105,7 +105,15 @@ def status() -> Dict[str, Any]:
         "hooked_modules": hooks.hooked_modules(),
         "hook_errors": hooks.errors(),
         "version": __version__,
+        # which hot path the guarded execute methods use: "c" (walpatch._speedups) or "python"
+        "speedups": _speedups_kind(),
     }
+
+
+def _speedups_kind() -> str:
+    from . import speedups  # lazily: status() only; imports no sqlite3
+
+    return speedups.KIND
 
 
 def __getattr__(name: str) -> Any:

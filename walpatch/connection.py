@@ -22,7 +22,7 @@ import threading
 from types import ModuleType
 from typing import Any, Dict, Tuple
 
-from . import events, guard, lockguard
+from . import events, guard, lockguard, speedups
 from .errors import refusal_class_for
 from .sqlscan import _CACHE as _PLANS
 from .sqlscan import scan
@@ -169,10 +169,22 @@ def _execute_methods(base: Any, kit: guard.Kit, on_cursor: bool) -> Dict[str, An
                                kit.raw_cursor)
 
     return {
-        "execute": _like(execute, base_execute),
-        "executemany": _like(executemany, base_executemany),
+        "execute": _compiled(execute, base_execute),
+        "executemany": _compiled(executemany, base_executemany),
         "executescript": _like(executescript, base_executescript),
     }
+
+
+def _compiled(override: Any, base_method: Any) -> Any:
+    """``override`` (a pure-Python execute/executemany above), or, when walpatch._speedups is
+    in use, the same in C: a ``GuardedMethod`` that does the fast path itself (lookup in
+    ``_PLANS``, ``scan`` on a miss, ``base_method`` when the plan is None) and calls
+    ``override`` for everything else (a plan, argument errors). See walpatch/_speedups.c."""
+    if speedups.module is None:
+        return _like(override, base_method)
+    _like(override, base_method)  # its TypeErrors name the method like the base's
+    return _like(speedups.module.GuardedMethod(_PLANS, scan, base_method, override),
+                 base_method)
 
 
 def _connection_of_cursor(cursor: Any) -> Any:

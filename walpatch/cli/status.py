@@ -122,6 +122,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     for line in _describe_activation(info):
         print(line)
+    print(f"speedups: {info['speedups']} (the execute hot path: compiled C extension, or pure "
+          "Python; WALPATCH_DISABLE_EXTENSIONS=1 forces Python)")
     hooked = info["hooked_modules"]
     print("hooked modules: " + (", ".join(hooked) if hooked else "none yet "
                                 "(hooked when sqlite3, pysqlite3 or sqlean is imported)"))
