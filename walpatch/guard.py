@@ -12,7 +12,9 @@ import logging
 import os
 import random
 import sys
+import threading
 import time
+from collections import OrderedDict
 from typing import Any, Callable, List, NamedTuple, Optional, Tuple, Type
 
 from . import classify as _c
@@ -688,10 +690,10 @@ def _guard_wal(
         except kit.error as exc:
             last_error = exc
             category = _c.classify(exc, config.unsupported_markers, after_io_error=io_seen)
-            shm_streak = shm_streak + 1 if _is_shm_error(exc) else 0
-            if category == _c.WAL_UNSUPPORTED and _is_shm_error(exc):
-                category = (_c.WAL_UNSUPPORTED if shm_streak >= MIN_SHM_ATTEMPTS
-                            else _c.TRANSIENT_IO)
+            shm = category == _c.WAL_UNSUPPORTED and _is_shm_error(exc)
+            shm_streak = shm_streak + 1 if shm else 0
+            if shm:  # retried like transient I/O; permanent only if it persists (below)
+                category = _c.TRANSIENT_IO
             io_seen = io_seen or category == _c.TRANSIENT_IO
             # CORRUPT is retried too: a transient EIO on read surfaces as "malformed", and
             # real corruption simply fails again (and is then raised, never a downgrade signal).
@@ -701,6 +703,8 @@ def _guard_wal(
                     kit, conn, targets, config, attempts, started, f"{name} ({category})",
                     category, name):
                 continue
+            if shm and shm_streak >= MIN_SHM_ATTEMPTS:
+                category = _c.WAL_UNSUPPORTED  # it repeated through the whole retry budget
             _record_wal_error(kit, request, targets, exc, config, attempts, note=True,
                               category=category)
             raise
@@ -771,25 +775,65 @@ def _check_shared_memory(
     the application's own fallback may run.
     """
     for target in targets:
-        error = _persistent_shm_error(kit, conn, target, config)
+        key = _inode(target.path)
+        if key is not None and _shm_known_ok(key):
+            continue  # its -shm was mapped in this process before: the filesystem can do it
+        error, mapped = _persistent_shm_error(kit, conn, target, config)
         if error is not None:
             _undo_unusable_wal(kit, conn, request, targets, config, error)
+        if mapped and key is not None:
+            _shm_ok(key)
+
+
+#: (st_dev, st_ino) of files whose -shm this process has mapped: shared memory works there, so
+#: later requests skip the check. Bounded, least recently used first out.
+_shm_mapped: "OrderedDict[Tuple[int, int], bool]" = OrderedDict()
+_shm_lock = threading.Lock()
+MAX_SHM_KNOWN = 1024
+
+
+def _inode(path: str) -> Optional[Tuple[int, int]]:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _shm_known_ok(key: Tuple[int, int]) -> bool:
+    with _shm_lock:
+        if key in _shm_mapped:
+            _shm_mapped.move_to_end(key)
+            return True
+        return False
+
+
+def _shm_ok(key: Tuple[int, int]) -> None:
+    with _shm_lock:
+        _shm_mapped[key] = True
+        _shm_mapped.move_to_end(key)
+        while len(_shm_mapped) > MAX_SHM_KNOWN:
+            _shm_mapped.popitem(last=False)
 
 
 def _persistent_shm_error(
     kit: Kit, conn: Any, target: Target, config: Config,
-) -> Optional[BaseException]:
+) -> Tuple[Optional[BaseException], bool]:
+    """(the shared-memory error, if it persisted through every attempt of the retry
+    budget and at least MIN_SHM_ATTEMPTS; whether a read succeeded)."""
     started = time.monotonic()
     attempts = 0
     while True:
         attempts += 1
         error = _probe_read(kit, conn, target.path)
-        if error is None or not _is_shm_error(error):
-            return None  # usable, or another problem the application's next statement meets
+        if error is None:
+            return None, True
+        if not _is_shm_error(error):
+            return None, False  # another problem: the application's next statement meets it
         delay = policy.retry_delay(attempts, time.monotonic() - started, config,
                                    _random.random())
         if delay is None:
-            return error if attempts >= MIN_SHM_ATTEMPTS else None
+            return (error if attempts >= MIN_SHM_ATTEMPTS else None), False
         events.emit(
             "wal-check-retry", logging.INFO,
             f"walpatch: reading {target.path} after its switch to WAL failed with "
