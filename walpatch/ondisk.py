@@ -14,8 +14,7 @@ from __future__ import annotations
 import os
 import stat
 import threading
-from collections import OrderedDict
-from typing import List, NamedTuple, Optional, Tuple
+from typing import Dict, List, NamedTuple, Optional, Tuple
 
 MAGIC = b"SQLite format 3\x00"
 HEADER_SIZE = 100
@@ -61,7 +60,7 @@ _lock = threading.Lock()
 #: inode -> a descriptor this process holds on it (normally SQLite's own). A cache, bounded
 #: (least recently used first out): forgetting an entry closes nothing, the next read just
 #: looks in /proc/self/fd again, where our own kept descriptors are found too.
-_fd_by_inode: "OrderedDict[Tuple[int, int], int]" = OrderedDict()
+_fd_by_inode: Dict[Tuple[int, int], int] = {}  # insertion order = recency
 MAX_CACHED_DESCRIPTORS = 1024
 _kept: List[int] = []  # descriptors we opened ourselves: never closed, on purpose
 
@@ -94,7 +93,8 @@ def _descriptor_for(path: str, key: Tuple[int, int]) -> Optional[int]:
     with _lock:
         fd = _fd_by_inode.get(key)
         if fd is not None and _matches(fd, key):
-            _fd_by_inode.move_to_end(key)
+            del _fd_by_inode[key]  # re-inserted below: most recently used last
+            _fd_by_inode[key] = fd
             return fd
         fd = _find_existing_fd(key)
         if fd is None:
@@ -109,10 +109,10 @@ def _descriptor_for(path: str, key: Tuple[int, int]) -> Optional[int]:
                 _kept.append(fd)
                 return None
             _kept.append(fd)
+        _fd_by_inode.pop(key, None)
         _fd_by_inode[key] = fd
-        _fd_by_inode.move_to_end(key)
         while len(_fd_by_inode) > MAX_CACHED_DESCRIPTORS:
-            _fd_by_inode.popitem(last=False)
+            del _fd_by_inode[next(iter(_fd_by_inode))]
         return fd
 
 
