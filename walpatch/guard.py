@@ -12,7 +12,9 @@ import logging
 import os
 import random
 import sys
+import threading
 import time
+from collections import OrderedDict
 from typing import Any, Callable, List, NamedTuple, Optional, Tuple, Type
 
 from . import attached, events, ondisk, policy, runtime, sqliteinfo
@@ -43,31 +45,52 @@ class Target(NamedTuple):
 
 
 # --- reading the connection's own facts (through an unguarded cursor, rows as tuples) ---
+#
+# Nothing here changes connection state another thread could observe (issue 10 item 8): the
+# caller's text_factory is never swapped. Values are decoded by their type instead; where the
+# text_factory is an arbitrary callable (its results cannot be inverted), text is read as
+# blobs through SQLite's table-valued pragmas (see _database_list).
+
+#: text factories whose results can be decoded exactly
+_PLAIN_TEXT_FACTORIES = (str, bytes, bytearray)
+
+
+class _Opaque(Exception):
+    """A value came back through a text_factory whose result cannot be decoded."""
+
 
 def _text(value: Any) -> str:
+    if isinstance(value, str):
+        return value
     if isinstance(value, (bytes, bytearray, memoryview)):
-        return os.fsdecode(bytes(value))
-    return "" if value is None else str(value)
+        return os.fsdecode(bytes(value))  # surrogateescape: round-trips with os.fsencode
+    if value is None:
+        return ""
+    if isinstance(value, int):
+        return str(value)
+    raise _Opaque(type(value).__name__)
+
+
+def _plain_text_factory(conn: Any) -> bool:
+    return getattr(conn, "text_factory", str) in _PLAIN_TEXT_FACTORIES
 
 
 def _query(kit: Kit, conn: Any, sql: str) -> List[Tuple[str, ...]]:
-    """A pragma's rows as tuples of str, whatever the caller's row_factory and text_factory.
-
-    (The table-valued ``pragma_database_list`` would allow CAST AS BLOB, but it reads the
-    schema and so needs a lock that a plain PRAGMA does not: it would fail under contention.)
-    """
-    saved = conn.text_factory
-    if saved is str:
-        rows = _fetch(kit, conn, sql)
-    else:
-        # The caller's text_factory may make anything of text (bytes, upper-cased paths...):
-        # read with plain str for the moment of this query.
-        conn.text_factory = str
-        try:
-            rows = _fetch(kit, conn, sql)
-        finally:
-            conn.text_factory = saved
-    return [tuple(_text(v) for v in row) for row in rows]
+    """A pragma's rows as tuples of str, whatever the caller's row_factory, without touching
+    its text_factory. Under a text_factory that is an arbitrary callable, text values are
+    whatever it made of them (str as returned, anything else as ""): callers that need the
+    exact text use _database_list, and journal modes are compared case-insensitively."""
+    rows = _fetch(kit, conn, sql)
+    out: List[Tuple[str, ...]] = []
+    for row in rows:
+        values = []
+        for v in row:
+            try:
+                values.append(_text(v))
+            except _Opaque:
+                values.append("")
+        out.append(tuple(values))
+    return out
 
 
 def _fetch(kit: Kit, conn: Any, sql: str) -> List[Tuple[Any, ...]]:
@@ -79,21 +102,67 @@ def _fetch(kit: Kit, conn: Any, sql: str) -> List[Tuple[Any, ...]]:
         cur.close()
 
 
+_DECODE_ERROR = "could not decode to utf-8"
+
+
+def _database_list(kit: Kit, conn: Any) -> List[Tuple[str, str]]:
+    """(schema, file) of every database of the connection, main first, text exact.
+
+    ``PRAGMA database_list`` needs no lock; it is read directly when the text_factory is
+    str/bytes/bytearray. A file name that is not UTF-8 (str factory: sqlite3 cannot decode
+    it) or an arbitrary text_factory falls back to ``pragma_database_list`` with CAST AS
+    BLOB, which is exact but loads the schema first (a brief shared lock, kept while the
+    connection stays in WAL mode, like any first query of the application).
+    """
+    if _plain_text_factory(conn):
+        try:
+            return [(_text(r[1]), _text(r[2])) for r in _fetch(kit, conn, "PRAGMA database_list")]
+        except _Opaque:
+            pass  # the text_factory changed under us (another thread): read as blobs
+        except kit.error as exc:
+            if _DECODE_ERROR not in str(exc).lower():
+                raise
+    rows = _fetch(kit, conn, "SELECT CAST(name AS BLOB), CAST(file AS BLOB) "
+                             "FROM pragma_database_list ORDER BY seq")
+    return [(_text(name), _text(path)) for name, path in rows]
+
+
 def _targets(kit: Kit, conn: Any, schema: Optional[str], config: Config) -> List[Target]:
     """File-backed databases the request applies to (all attached ones when no schema)."""
-    rows = _query(kit, conn, "PRAGMA database_list")
     wanted = ascii_lower(schema) if schema is not None else None
     out: List[Target] = []
-    for row in rows:
-        name, path = row[1], row[2]
+    for index, (name, path) in enumerate(_database_list(kit, conn)):
         if wanted is not None and ascii_lower(name) != wanted:
             continue
         if not path:  # :memory:, temp, or an anonymous database: nothing on disk to protect
+            continue
+        if index == 0 and _file_never_changes(conn, path):
             continue
         if _is_excluded(path, config):
             continue
         out.append(Target(name, path))
     return out
+
+
+def _file_never_changes(conn: Any, path: str) -> Optional[str]:
+    """Why the connection's main database cannot change the file ``path`` (vfs=memdb keeps the
+    database in memory, immutable=1 promises that nothing changes it), or None. Only the main
+    database's URI is known (what connect() was given); attached ones are checked as files."""
+    database = getattr(conn, "_walpatch_database", None)
+    params = _uri_params(database)
+    if not params:
+        return None
+    query = _database_text(database).split("?", 1)[1].split("#", 1)[0]
+    if "?" + query in path:  # uri=False: SQLite took the whole text as a file name
+        return None
+    if params.get("vfs") == "memdb":
+        return "vfs=memdb"
+    if params.get("immutable") in _TRUE_WORDS:
+        return "immutable=1"
+    return None
+
+
+_TRUE_WORDS = ("1", "true", "yes", "on")
 
 
 def _matches_any(path: str, globs: Tuple[str, ...]) -> bool:
@@ -116,12 +185,18 @@ def _allowed_because(path: str, config: Config) -> Optional[str]:
     return None
 
 
+_MODES = ("delete", "truncate", "persist", "memory", "wal", "off")
+
+
 def _current_mode(kit: Kit, conn: Any, schema: str) -> Optional[str]:
+    """The journal mode the connection reports for ``schema``; None when unknown (an error,
+    or a text_factory that made something else of the answer)."""
     try:
         rows = _query(kit, conn, f"PRAGMA {_quote(schema)}.journal_mode")
     except kit.error:
         return None
-    return ascii_lower(rows[0][0]) if rows else None
+    mode = ascii_lower(rows[0][0]) if rows else None
+    return mode if mode in _MODES else None
 
 
 def _quote(name: str) -> str:
@@ -133,8 +208,16 @@ def _quote(name: str) -> str:
 _NO_SHM_VFS = ("unix-none", "unix-dotfile")
 
 
+def _database_text(database: Any) -> str:
+    """What connect() was given (str, bytes or path-like), as text; "" when unknown."""
+    try:
+        return _text(os.fspath(database)) if database is not None else ""
+    except (TypeError, _Opaque):
+        return ""
+
+
 def _uri_params(database: Any) -> dict:
-    text = _text(database) if database is not None else ""
+    text = _database_text(database)
     if not text.startswith("file:") or "?" not in text:
         return {}
     from urllib.parse import parse_qsl
@@ -171,21 +254,16 @@ def run_statement(kit: Kit, conn: Any, request: Request, call: Call, can_retry: 
     config = runtime.config
     if config is None:
         return call()
+    if config.observe:
+        return _run_observed(kit, conn, request, call, config)
     try:
         targets = _targets(kit, conn, request.schema, config)
     except kit.programming_error:
         return call()  # closed connection, wrong thread...: sqlite3 raises its own error
     except kit.error as exc:
-        if request.is_wal:
-            return call()
-        # Cannot even list the databases: fail closed for a downgrade.
-        schema = request.schema or "main"
         try:
-            return _refuse_or_observe(
-                kit, config, request, Target(schema, "?"), policy.Decision(
-                    policy.REFUSE, f"the attached databases could not be listed ({exc})"), call,
-                keepable=True)
-        except sqliteinfo.Kept as kept:
+            return _run_unlisted(kit, conn, request, call, can_retry, config, exc)
+        except sqliteinfo.Kept as kept:  # on_refusal=keep
             return sqliteinfo.keep(kit, conn, request, call, kept)
     if not targets:
         return call()
@@ -202,6 +280,105 @@ def run_statement(kit: Kit, conn: Any, request: Request, call: Call, can_retry: 
     for t in targets:
         runtime.record(t.path, None)
     return result
+
+
+def _run_observed(kit: Kit, conn: Any, request: Request, call: Call, config: Config) -> Any:
+    """Observe mode: the statement runs exactly once, as without walpatch; walpatch's own
+    checks only log (their errors included) and never retry, undo, refuse or annotate.
+
+    A WAL request is not verified afterwards: the switch commits only when the caller has
+    consumed its cursor, so there is no moment to look at it without changing the outcome.
+    """
+    try:
+        targets = _targets(kit, conn, request.schema, config)
+        if targets and not request.is_wal:
+            _check_downgrade(kit, request, targets, config)  # logs "would refuse"
+    except Exception as exc:  # noqa: BLE001 - observe mode: walpatch's own errors are logged
+        targets = []
+        events.emit("observe-check-failed", logging.WARNING,
+                    f"walpatch (observe mode): could not check journal_mode={request.mode} "
+                    f"({type(exc).__name__}: {exc}); the statement runs unchecked",
+                    dedupe_key="observe-check", request=request.mode, outcome="observed")
+    if not request.is_wal:
+        result = call()
+        for t in targets:
+            runtime.record(t.path, None)
+        return result
+    if targets:
+        events.count("wal_requests")
+    try:
+        return call()
+    except kit.usage_errors:
+        raise
+    except kit.error as exc:
+        if targets:
+            try:
+                category = _shm_as_transient(exc, _c.classify(exc, config.unsupported_markers))
+                if _c.is_retryable(category):
+                    events.count("observed_would_retry")
+                _record_wal_error(kit, request, targets, exc, config, 1, note=False,
+                                  category=category, mark=False)
+            except Exception:  # noqa: BLE001 - never let the log replace the caller's error
+                pass
+        raise
+
+
+def _run_unlisted(
+    kit: Kit, conn: Any, request: Request, call: Call, can_retry: bool, config: Config,
+    exc: BaseException,
+) -> Any:
+    """``PRAGMA database_list`` failed (an application authorizer that denies walpatch's
+    pragmas): use what can still be known. The main database's file is what connect() was
+    given; any other database of this connection is a file this process has open, so a
+    downgrade is refused only when that file or another one open here is WAL on disk."""
+    main = _main_file(conn)
+    touches_main = request.schema is None or ascii_lower(request.schema) == "main"
+    known = [Target("main", main)] if main and touches_main and not _is_excluded(
+        main, config) else []
+    if request.is_wal:
+        if not known:
+            return call()
+        return _guard_wal(kit, conn, request, known, call, config, can_retry)
+    others = request.schema is None or not touches_main
+    if others:
+        wal = ondisk.wal_files_open(exclude=main)
+        if wal is None or any(not _is_excluded(p, config) for p in wal):
+            what = ("this process's open files could not be listed" if wal is None else
+                    f"{', '.join(p for p in wal if not _is_excluded(p, config))} is WAL on disk")
+            schema = request.schema or "main"
+            return _refuse_or_observe(
+                kit, config, request, Target(schema, main or "?"), policy.Decision(
+                    policy.REFUSE, f"the attached databases could not be listed "
+                    f"({type(exc).__name__}: {exc}) and {what}"), call, keepable=True)
+    if known:
+        _check_downgrade(kit, request, known, config, keepable=True)
+    result = call()
+    for t in known:
+        runtime.record(t.path, None)
+    return result
+
+
+def _main_file(conn: Any) -> Optional[str]:
+    """The main database's file from what connect() was given, or None (in memory, temp,
+    a URI naming no file, unknown)."""
+    text = _database_text(getattr(conn, "_walpatch_database", None))
+    if text in ("", ":memory:"):
+        return None
+    if text.startswith("file:"):
+        from urllib.parse import unquote
+
+        params = _uri_params(text)
+        if params.get("mode") == "memory" or params.get("vfs") == "memdb" or params.get(
+                "immutable") in _TRUE_WORDS:
+            return None
+        rest = text[5:].split("?", 1)[0].split("#", 1)[0]
+        if rest.startswith("//"):
+            rest = rest[2:]
+            rest = rest[rest.find("/"):] if "/" in rest else ""
+        text = os.fsdecode(unquote(rest, encoding="utf-8", errors="surrogateescape"))
+        if text in ("", ":memory:"):
+            return None
+    return os.path.abspath(text)
 
 
 def run_script(
@@ -438,8 +615,10 @@ def _note(exc: BaseException, text: str) -> None:
 
 def _record_wal_error(
     kit: Kit, request: Request, targets: List[Target], exc: BaseException, config: Config,
-    attempts: int, note: bool, category: Optional[str] = None,
+    attempts: int, note: bool, category: Optional[str] = None, mark: bool = True,
 ) -> None:
+    """Record and report a failed WAL request; ``mark`` puts the attempt count (and, with
+    ``note``, a note) on the exception (never in observe mode: the error stays as it was)."""
     category = category or _c.classify(exc, config.unsupported_markers)
     code, name = _c.error_code(exc)
     outcome = policy.outcome_for_category(category)
@@ -450,11 +629,12 @@ def _record_wal_error(
         runtime.record(target.path, policy.History(outcome, category, exc, detail))
     counter = "wal_unsupported" if outcome == policy.WAL_UNSUPPORTED else "wal_failed"
     events.count(counter)
-    try:
-        exc.walpatch_attempts = attempts  # type: ignore[attr-defined]
-    except AttributeError:
-        pass
-    if note:
+    if mark:
+        try:
+            exc.walpatch_attempts = attempts  # type: ignore[attr-defined]
+        except AttributeError:
+            pass
+    if note and mark:
         _note(exc, f"walpatch: PRAGMA journal_mode=WAL failed after {attempts} attempt(s); "
                    f"error class: {category}")
     for target in targets:
@@ -477,6 +657,8 @@ class _Observation(NamedTuple):
 
     @property
     def is_wal(self) -> bool:
+        if self.mode is None:  # the connection's answer is unknown: the disk decides
+            return self.disk is not None and self.disk.mode == ondisk.WAL
         return self.mode == "wal" and (
             self.disk is None or self.disk.mode in (ondisk.WAL, ondisk.EMPTY))
 
@@ -572,6 +754,27 @@ def _wait_before_retry(
     return True
 
 
+# --- shared memory: permanence is judged by persistence (design.md section 8) ---------------
+
+_SHM_CODES = frozenset({_c.SQLITE_IOERR_SHMOPEN, _c.SQLITE_IOERR_SHMMAP})
+#: a shared-memory error counts as "WAL cannot work here" only after this many attempts in a
+#: row failed with it (a filesystem without shared mmap fails every time; one mmap() ENOMEM
+#: does not). Fewer attempts in the retry budget: never permanent (fail closed).
+MIN_SHM_ATTEMPTS = 3
+
+
+def _is_shm_error(exc: BaseException) -> bool:
+    return _c.error_code(exc)[0] in _SHM_CODES
+
+
+def _shm_as_transient(exc: BaseException, category: str) -> str:
+    """A single IOERR_SHMMAP/SHMOPEN proves nothing (mmap ENOMEM/EAGAIN are transient, and
+    Python does not expose the errno): transient I/O until it has persisted."""
+    if category == _c.WAL_UNSUPPORTED and _is_shm_error(exc):
+        return _c.TRANSIENT_IO
+    return category
+
+
 def _guard_wal(
     kit: Kit, conn: Any, request: Request, targets: List[Target], call: Call, config: Config,
     can_retry: bool,
@@ -584,13 +787,17 @@ def _guard_wal(
         except kit.usage_errors:
             raise
         except kit.error as exc:
-            _record_wal_error(kit, request, targets, exc, config, 1, note=True)
+            category = _shm_as_transient(exc, _c.classify(exc, config.unsupported_markers))
+            _record_wal_error(kit, request, targets, exc, config, 1, note=True,
+                              category=category)
             raise
         _verify_wal(kit, conn, request, targets, config, 1, check_disk=False)
         return result
     started = time.monotonic()
     attempts = 0
     io_seen = False
+    shm_streak = 0  # attempts in a row that failed with a shared-memory error
+    last_error: Optional[BaseException] = None
     while True:
         attempts += 1
         try:
@@ -600,7 +807,12 @@ def _guard_wal(
         except kit.usage_errors:
             raise
         except kit.error as exc:
+            last_error = exc
             category = _c.classify(exc, config.unsupported_markers, after_io_error=io_seen)
+            shm = category == _c.WAL_UNSUPPORTED and _is_shm_error(exc)
+            shm_streak = shm_streak + 1 if shm else 0
+            if shm:  # retried like transient I/O; permanent only if it persists (below)
+                category = _c.TRANSIENT_IO
             io_seen = io_seen or category == _c.TRANSIENT_IO
             # CORRUPT is retried too: a transient EIO on read surfaces as "malformed", and
             # real corruption simply fails again (and is then raised, never a downgrade signal).
@@ -610,46 +822,182 @@ def _guard_wal(
                     kit, conn, targets, config, attempts, started, f"{name} ({category})",
                     category, name):
                 continue
+            if shm and shm_streak >= MIN_SHM_ATTEMPTS:
+                category = _c.WAL_UNSUPPORTED  # it repeated through the whole retry budget
             _record_wal_error(kit, request, targets, exc, config, attempts, note=True,
                               category=category)
             raise
+        shm_streak = 0
         observations = _observe(kit, conn, targets, check_disk=True)
-        if any(o.stale for o in observations) and _wait_before_retry(
-                kit, conn, targets, config, attempts, started,
-                "the connection reports WAL but the header on disk does not", _c.TRANSIENT_IO,
-                None):
-            continue
-        _check_shared_memory(kit, conn, request, targets, config)
+        if any(o.stale for o in observations):
+            if _wait_before_retry(
+                    kit, conn, targets, config, attempts, started,
+                    "the connection reports WAL but the header on disk does not",
+                    _c.TRANSIENT_IO, None):
+                continue
+            _raise_stale(kit, conn, request, observations, config, attempts, last_error)
+        # Every file now WAL on disk gets the shared-memory check. (Whether this request made
+        # the switch is not known: asking before it, of the connection or of the disk, is a
+        # read that would meet, and take away, a fault meant for the request itself.)
+        _check_shared_memory(kit, conn, request,
+                             [o.target for o in observations if o.is_wal], config)
         _record_wal_result(conn, observations, attempts)
         # Hand the caller a fresh result: asking for the mode the connection is now in is a
         # no-op for SQLite.
         return call()
 
 
+def _raise_stale(
+    kit: Kit, conn: Any, request: Request, observations: List[_Observation], config: Config,
+    attempts: int, last_error: Optional[BaseException],
+) -> None:
+    """The retries ran out and SQLite answers 'wal' while the header on disk says otherwise
+    (design.md section 4): WAL failed, not permanently. Raise the last error, as for any
+    request that still fails; without one, an OperationalError that says what happened."""
+    _record_wal_result(conn, [o for o in observations if not o.stale], attempts)
+    stale = [o for o in observations if o.stale]
+    error = last_error
+    if error is None:
+        details = "; ".join(f"{o.target.path}: {o.disk.detail if o.disk else '?'}"
+                            for o in stale)
+        error = _operational_error(kit)(
+            "journal_mode=WAL did not take effect: the connection reports WAL but the file on "
+            f"disk is not in WAL mode ({details})")
+    _record_wal_error(kit, request, [o.target for o in stale], error, config, attempts,
+                      note=True, category=_c.TRANSIENT_IO)
+    raise error
+
+
+def _operational_error(kit: Kit) -> Type[Exception]:
+    """The module's OperationalError (WalDowngradeRefused derives from it)."""
+    for cls in kit.refused.__mro__:
+        if cls.__name__ == "OperationalError" and issubclass(cls, kit.error):
+            return cls
+    return kit.error
+
+
 def _check_shared_memory(
     kit: Kit, conn: Any, request: Request, targets: List[Target], config: Config,
 ) -> None:
-    """After a switch into WAL: can this connection use it? On a filesystem without shared
-    mmap (FUSE with direct_io, some virtiofs/9p setups) SQLite answers 'wal' and writes the
+    """After a switch into WAL: can WAL work on this filesystem? On one without shared mmap
+    (FUSE with direct_io, some virtiofs/9p setups) SQLite answers 'wal' and writes the
     header, and then every statement fails with IOERR_SHMMAP, for every process: the file is
-    bricked. The first read shows it. A file this request took out of a rollback mode is put
-    back into rollback mode (exclusive locking mode needs no shared memory), and the error is
-    raised, classified "WAL unsupported here", so the application's own fallback may run.
+    bricked. A read shows it. That read is made on a short-lived connection of the same
+    SQLite library (safe: SQLite defers closing descriptors that carry locks, design.md
+    section 5), so the caller's connection keeps exactly the locks its own statement left
+    (in WAL mode a connection that has read keeps a shared lock: issue 10 item 16).
 
-    Only a switch this request made can get here: a request for WAL on a file that is WAL on
-    disk already reads it first, so without shared memory it fails by itself (IOERR_SHMMAP)
-    and is raised before this check. So going back to DELETE undoes this request only.
+    The error must persist across bounded, jittered retries before WAL is judged unusable
+    (one mmap() ENOMEM is transient, issue 10 item 2). Then the file, which this request
+    took out of a rollback mode, is put back into rollback mode (exclusive locking mode
+    needs no shared memory) and the error is raised, classified "WAL unsupported here", so
+    the application's own fallback may run.
     """
+    for target in targets:
+        key = _inode(target.path)
+        if key is not None and _shm_known_ok(key):
+            continue  # its -shm was mapped in this process before: the filesystem can do it
+        error, mapped = _persistent_shm_error(kit, conn, target, config)
+        if error is not None:
+            _undo_unusable_wal(kit, conn, request, targets, config, error)
+        if mapped and key is not None:
+            _shm_ok(key)
+
+
+#: (st_dev, st_ino) of files whose -shm this process has mapped: shared memory works there, so
+#: later requests skip the check. Bounded, least recently used first out.
+_shm_mapped: "OrderedDict[Tuple[int, int], bool]" = OrderedDict()
+_shm_lock = threading.Lock()
+MAX_SHM_KNOWN = 1024
+
+
+def _inode(path: str) -> Optional[Tuple[int, int]]:
     try:
-        _query(kit, conn, "PRAGMA schema_version")
-        return
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _shm_known_ok(key: Tuple[int, int]) -> bool:
+    with _shm_lock:
+        if key in _shm_mapped:
+            _shm_mapped.move_to_end(key)
+            return True
+        return False
+
+
+def _shm_ok(key: Tuple[int, int]) -> None:
+    with _shm_lock:
+        _shm_mapped[key] = True
+        _shm_mapped.move_to_end(key)
+        while len(_shm_mapped) > MAX_SHM_KNOWN:
+            _shm_mapped.popitem(last=False)
+
+
+def _persistent_shm_error(
+    kit: Kit, conn: Any, target: Target, config: Config,
+) -> Tuple[Optional[BaseException], bool]:
+    """(the shared-memory error, if it persisted through every attempt of the retry
+    budget and at least MIN_SHM_ATTEMPTS; whether a read succeeded)."""
+    started = time.monotonic()
+    attempts = 0
+    while True:
+        attempts += 1
+        error = _probe_read(kit, conn, target.path)
+        if error is None:
+            return None, True
+        if not _is_shm_error(error):
+            return None, False  # another problem: the application's next statement meets it
+        delay = policy.retry_delay(attempts, time.monotonic() - started, config,
+                                   _random.random())
+        if delay is None:
+            return (error if attempts >= MIN_SHM_ATTEMPTS else None), False
+        events.emit(
+            "wal-check-retry", logging.INFO,
+            f"walpatch: reading {target.path} after its switch to WAL failed with "
+            f"{_c.error_code(error)[1]}; checking again in {delay:.3f}s",
+            file=target.path, schema=target.schema, request="wal",
+            error=_c.error_code(error)[1], attempts=attempts, outcome="retry")
+        time.sleep(delay)
+
+
+def _probe_read(kit: Kit, conn: Any, path: str) -> Optional[BaseException]:
+    """One read of ``path`` on a fresh connection of the caller's SQLite library (never
+    creating anything: mode=rw), with the VFS the caller named; the error, or None."""
+    from urllib.parse import quote
+
+    cls = getattr(kit.raw_cursor, "__objclass__", None)
+    if not isinstance(cls, type):
+        return None
+    params = _uri_params(getattr(conn, "_walpatch_database", None))
+    uri = "file:" + quote(os.fsencode(path), safe="/") + "?mode=rw"
+    if params.get("vfs"):
+        uri += "&vfs=" + quote(params["vfs"], safe="")
+    try:
+        probe = cls(uri, uri=True, timeout=0.2, check_same_thread=False,
+                    isolation_level=None)
     except kit.error as exc:
-        if _c.classify(exc, config.unsupported_markers) != _c.WAL_UNSUPPORTED:
-            return  # another problem: the application's next statement will meet it
-        error = exc
+        return exc
+    try:
+        _fetch(kit, probe, "PRAGMA schema_version")
+        return None
+    except kit.error as exc:
+        return exc
+    finally:
+        try:
+            probe.close()
+        except kit.error:
+            pass
+
+
+def _undo_unusable_wal(
+    kit: Kit, conn: Any, request: Request, targets: List[Target], config: Config,
+    error: BaseException,
+) -> None:
     reverted: List[str] = []
     for target in targets:
-        if not config.observe and _revert_without_shared_memory(kit, conn, target.schema):
+        if _revert_without_shared_memory(kit, conn, target.schema):
             reverted.append(target.path)
     _record_wal_error(kit, request, targets, error, config, attempts=1, note=False,
                       category=_c.WAL_UNSUPPORTED)

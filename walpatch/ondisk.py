@@ -12,6 +12,7 @@ a read-only descriptor that is then kept open for the life of the process.
 from __future__ import annotations
 
 import os
+import stat
 import threading
 from typing import Dict, List, NamedTuple, Optional, Tuple
 
@@ -56,7 +57,11 @@ def parse_header(data: bytes) -> DiskState:
 
 
 _lock = threading.Lock()
-_fd_by_inode: Dict[Tuple[int, int], int] = {}
+#: inode -> a descriptor this process holds on it (normally SQLite's own). A cache, bounded
+#: (least recently used first out): forgetting an entry closes nothing, the next read just
+#: looks in /proc/self/fd again, where our own kept descriptors are found too.
+_fd_by_inode: Dict[Tuple[int, int], int] = {}  # insertion order = recency
+MAX_CACHED_DESCRIPTORS = 1024
 _kept: List[int] = []  # descriptors we opened ourselves: never closed, on purpose
 
 
@@ -88,6 +93,8 @@ def _descriptor_for(path: str, key: Tuple[int, int]) -> Optional[int]:
     with _lock:
         fd = _fd_by_inode.get(key)
         if fd is not None and _matches(fd, key):
+            del _fd_by_inode[key]  # re-inserted below: most recently used last
+            _fd_by_inode[key] = fd
             return fd
         fd = _find_existing_fd(key)
         if fd is None:
@@ -102,7 +109,10 @@ def _descriptor_for(path: str, key: Tuple[int, int]) -> Optional[int]:
                 _kept.append(fd)
                 return None
             _kept.append(fd)
+        _fd_by_inode.pop(key, None)
         _fd_by_inode[key] = fd
+        while len(_fd_by_inode) > MAX_CACHED_DESCRIPTORS:
+            del _fd_by_inode[next(iter(_fd_by_inode))]
         return fd
 
 
@@ -144,3 +154,44 @@ def read_disk_state(path: str) -> DiskState:
 
 def kept_descriptor_count() -> int:
     return len(_kept)
+
+
+def wal_files_open(exclude: Optional[str] = None) -> Optional[List[str]]:
+    """Paths of the SQLite database files this process has open that are WAL on disk (read
+    through the open descriptors themselves: nothing is opened or closed), leaving out
+    ``exclude``; None when the open files cannot be listed (no /proc)."""
+    try:
+        names = os.listdir(_PROC_FD_DIR)
+    except OSError:
+        return None
+    skip = None
+    if exclude is not None:
+        try:
+            st = os.stat(exclude)
+            skip = (st.st_dev, st.st_ino)
+        except OSError:
+            pass
+    seen = set()
+    found: List[str] = []
+    for name in names:
+        link = os.path.join(_PROC_FD_DIR, name)
+        try:
+            st = os.stat(link)
+            if not stat.S_ISREG(st.st_mode):
+                continue
+            key = (st.st_dev, st.st_ino)
+            if key == skip or key in seen:
+                continue
+            seen.add(key)
+            data = os.pread(int(name), HEADER_SIZE, 0)
+            path = os.readlink(link)
+        except (OSError, ValueError):
+            continue
+        if data[:16] != MAGIC and data:
+            continue
+        state = parse_header(data)
+        if state.mode == EMPTY and _sidecar_size(path + "-wal") > 0:
+            state = DiskState(WAL, "empty with a -wal file")
+        if state.mode == WAL:
+            found.append(path)
+    return found

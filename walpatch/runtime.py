@@ -9,6 +9,7 @@ import contextlib
 import contextvars
 import os
 import threading
+from collections import OrderedDict
 from typing import TYPE_CHECKING, Dict, Iterator, Optional
 
 from .config import Config
@@ -20,7 +21,11 @@ if TYPE_CHECKING:  # policy pulls in classify and ondisk: not needed until the f
 config: Optional[Config] = None
 
 _history_lock = threading.Lock()
-_history: Dict[str, "History"] = {}
+#: file -> the last WAL request's outcome, only where it matters for a later downgrade (a
+#: failure). A success is the absence of an entry, so files that are fine cost nothing; the
+#: failures are bounded, least recently used first out (issue 10 item 14).
+_history: "OrderedDict[str, History]" = OrderedDict()
+MAX_HISTORY = 4096
 
 _allow_depth: "contextvars.ContextVar[int]" = contextvars.ContextVar(
     "walpatch_allow_downgrade", default=0
@@ -28,7 +33,7 @@ _allow_depth: "contextvars.ContextVar[int]" = contextvars.ContextVar(
 
 
 _keys: Dict[str, str] = {}
-_KEYS_MAX = 1024
+_KEYS_MAX = 1024  # a cache: cleared whole when full
 
 
 def file_key(path: str) -> str:
@@ -43,16 +48,22 @@ def file_key(path: str) -> str:
 
 
 def history_for(path: str) -> Optional["History"]:
+    key = file_key(path)
     with _history_lock:
-        return _history.get(file_key(path))
+        return _history.get(key)
 
 
 def record(path: str, entry: Optional["History"]) -> None:
+    """Remember the outcome of a WAL request for ``path``; None (or a success) forgets."""
+    key = file_key(path)
     with _history_lock:
-        if entry is None:
-            _history.pop(file_key(path), None)
-        else:
-            _history[file_key(path)] = entry
+        if entry is None or entry.outcome == "ok":
+            _history.pop(key, None)
+            return
+        _history[key] = entry
+        _history.move_to_end(key)
+        while len(_history) > MAX_HISTORY:
+            _history.popitem(last=False)
 
 
 def clear_history() -> None:
