@@ -20,6 +20,10 @@ logger = logging.getLogger("walpatch")
 _lock = threading.Lock()
 _counters: Dict[str, int] = {}
 _warned: Set[Tuple[str, str]] = set()
+#: Bound on the deduplication set (one entry per event and file): a process that touches
+#: tens of thousands of files must not grow without bound. Past it the set starts afresh, so
+#: a file may be warned about once more: a bounded cost, in the safe direction.
+_WARNED_MAX = 4096
 _sink_fd: Optional[int] = None
 _sink_path: Optional[str] = None
 _sink_write_warned = False  # one warning per process when writes to the event file fail
@@ -168,6 +172,8 @@ def emit(
         key = (event, dedupe_key)
         with _lock:
             repeated = key in _warned
+            if not repeated and len(_warned) >= _WARNED_MAX:
+                _warned.clear()
             _warned.add(key)
         if repeated:
             log_level = logging.DEBUG
