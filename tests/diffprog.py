@@ -46,6 +46,8 @@ KNOWN_OPEN_ITEMS: Dict[str, str] = {
     "uri_immutable": "issue 10 item 13 (immutable=1 refused)",
     "lock_after_wal": "issue 10 item 16 (guard's read after a WAL request keeps a lock)",
     "text_factory_bytearray": "docs/transparency.md limit 12 (bytearray text_factory)",
+    "fault_mmap": "issue 10 item 2 (one mmap ENOMEM during a WAL request: walpatch reverts the "
+                  "file to DELETE where plain stays WAL)",
     "script_wal_then_down": "no issue-10 item, harness finding F5 (a mixed script's WAL "
                             "request is verified after the script: a later DELETE in it makes "
                             "walpatch record 'WAL failed' and refuse the next downgrade)",
@@ -392,12 +394,53 @@ def program(files: Dict[str, str], steps: List[Step], mode: str = "enforce") -> 
             "steps": [s._asdict() for s in steps]}
 
 
+FAULT_PRELUDE = '''\
+import ctypes, errno
+_fiu = ctypes.CDLL("libfiu.so.0")
+_fiu.fiu_init(0)
+def fault_on(point, err):
+    """libfiu: the next call of ``point`` fails with ``err``, once (FIU_ONETIME)."""
+    _fiu.fiu_enable(point.encode(), 1, ctypes.c_void_p(err), 1)
+def fault_off(point):
+    _fiu.fiu_disable(point.encode())
+'''
+
+#: (libfiu point, errno name): real syscall faults under ``fiu-run -x`` (docs/fault-injection.md)
+FAULTS = [("posix/io/rw/pwrite", "EIO"), ("posix/io/sync/fdatasync", "EIO"),
+          ("posix/io/rw/pread", "EIO"), ("posix/mm/mmap", "ENOMEM"),
+          ("posix/io/oc/open", "EIO")]
+
+
+@st.composite
+def programs_with_faults(draw: Any, off: FrozenSet[str] = KNOWN_OPEN) -> Dict[str, Any]:
+    """A program with one real fault (libfiu, once) around a WAL request, followed by the
+    legacy fallback ("on an error, ask for DELETE") on the same connection."""
+    prog = draw(programs(off))
+    connects = [s for s in prog["steps"] if s["kind"] == "connect"]
+    k = draw(st.sampled_from([s["conn"] for s in connects]))
+    point, err = draw(st.sampled_from(
+        [f for f in FAULTS if not (f[0] == "posix/mm/mmap" and "fault_mmap" in off)]))
+    sql, _ = draw(journal_request("wal"))
+    down, _ = draw(journal_request("down"))
+    code = (f"fault_on({point!r}, errno.{err})\ntry:\n"
+            f"    try:\n        _r = conns[{k}].execute({sql!r}).fetchall()\n"
+            f"    finally:\n        fault_off({point!r})\n"
+            f"except sqlite3.OperationalError:\n    _r = conns[{k}].execute({down!r})\n")
+    at = draw(st.integers(len(connects), len(prog["steps"])))
+    step = Step(code, "fault", k, "conn.execute", "wal")._asdict()
+    prog["steps"] = prog["steps"][:at] + [step] + prog["steps"][at:]
+    prog["prelude"] = PRELUDE + FAULT_PRELUDE
+    prog["faults"] = True
+    return prog
+
+
 def render(prog: Dict[str, Any]) -> str:
     """A standalone script that runs ``prog`` and prints each step's outcome: run it as
     ``python repro.py`` (plain) and ``WALPATCH=1 python repro.py`` (with walpatch)."""
     out = [
         "# differential-harness program; plain: python repro.py; with walpatch: "
-        "WALPATCH=1 python repro.py",
+        "WALPATCH=1 python repro.py" + (" (both under fiu-run -x)" if prog.get("faults")
+                                        else ""),
         "import os, sys, tempfile",
         "D = tempfile.mkdtemp(); os.chdir(D)",
         prog["prelude"].rstrip(),
@@ -444,7 +487,8 @@ class Worker:
     """One long-lived child running tests/diffworker.py."""
 
     def __init__(self, walpatch: bool, base: str, sabotage: Optional[str] = None,
-                 timeout: float = 60.0) -> None:
+                 timeout: float = 60.0, fiu: bool = False) -> None:
+        self.fiu = fiu
         self.walpatch = walpatch
         self.base = base
         self.sabotage = sabotage
@@ -462,6 +506,8 @@ class Worker:
         if os.environ.get("WALPATCH_DIFF_KEEP"):
             env["WALPATCH_DIFF_KEEP"] = "1"
         argv = [sys.executable, WORKER]
+        if self.fiu:  # libfiu's POSIX wrappers preloaded, no fault enabled until a step asks
+            argv = ["fiu-run", "-x", "-f", ""] + argv
         if self.walpatch:
             env["WALPATCH"] = "1"  # through walpatch.pth (the worker then calls install())
             argv.append("--walpatch")
@@ -523,10 +569,11 @@ class Worker:
 class WorkerPair:
     """A plain and a walpatch worker; :meth:`run` gives both results of one program."""
 
-    def __init__(self, sabotage: Optional[str] = None, base: Optional[str] = None) -> None:
+    def __init__(self, sabotage: Optional[str] = None, base: Optional[str] = None,
+                 fiu: bool = False) -> None:
         self.base = base or default_base()
-        self.plain = Worker(False, self.base)
-        self.wp = Worker(True, self.base, sabotage)
+        self.plain = Worker(False, self.base, fiu=fiu)
+        self.wp = Worker(True, self.base, sabotage, fiu=fiu)
         self.counter = itertools.count()
         self.programs_run = 0
 
@@ -589,8 +636,10 @@ def allowed_difference(prog: Dict[str, Any], i: int, plain: Dict[str, Any],
        walpatch run raised; nothing changed.
     3. ``refused-unknown-on-disk``: the file's header could not be read as SQLite (not a
        database), so a downgrade fails closed; nothing changed.
-    4. ``retry-succeeded``: a WAL request that failed in the plain run succeeded with walpatch
-       (retries of a transient fault).
+    4. ``fault-retried-or-fallback-refused``: a WAL request met a real fault (libfiu, once)
+       and the program's legacy fallback asked for DELETE: walpatch may have retried to
+       success, or raised the same error and refused the fallback; allowed as long as no file
+       ends that step further from WAL than in the plain run.
     5. ``refused-wal-on-disk-after-wal-in-script``: a script of journal-mode pragmas whose
        first request is WAL runs statement by statement (README "Limits"); its later
        downgrade is refused because the file is WAL on disk by then, and the file ends 2/2.
@@ -618,8 +667,13 @@ def allowed_difference(prog: Dict[str, Any], i: int, plain: Dict[str, Any],
         if before == "notdb":
             return "refused-unknown-on-disk"
         return None
-    if step.get("journal") == "wal" and "exc" in plain and "ok" in wp and prog.get("faults"):
-        return "retry-succeeded"
+    if step.get("kind") == "fault":
+        # the WAL request met a real fault: plain may fail and fall back to DELETE, walpatch
+        # may retry to success, or fail the same way and refuse the fallback. Either way
+        # walpatch must not leave any file further from WAL than plain did.
+        further = [n for n, v in plain["after"].items()
+                   if _is_wal(v) and not _is_wal(wp["after"].get(n))]
+        return None if further else "fault-retried-or-fallback-refused"
     return None
 
 

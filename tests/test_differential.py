@@ -9,7 +9,7 @@ are compared. The only differences let through are those of
 test with hypothesis's shrunk program printed as a standalone reproducer.
 
 Environment:
-  WALPATCH_DIFF_EXAMPLES   programs to try (default 1000: about a minute here)
+  WALPATCH_DIFF_EXAMPLES   programs to try (default 800: about a minute here)
   WALPATCH_DIFF_KNOWN_OPEN features left out of the generator: unset = diffprog.KNOWN_OPEN
                            (defects of issue 10 being fixed elsewhere), ``none`` = nothing
   WALPATCH_DIFF_SEED       derandomize with this seed (default: hypothesis's own randomness)
@@ -29,7 +29,7 @@ from hypothesis import HealthCheck, Phase, given, seed, settings
 
 from . import diffprog
 
-EXAMPLES = int(os.environ.get("WALPATCH_DIFF_EXAMPLES", "1000"))
+EXAMPLES = int(os.environ.get("WALPATCH_DIFF_EXAMPLES", "800"))
 SURVEY = os.environ.get("WALPATCH_DIFF_SURVEY")
 OFF = diffprog.known_open_from_env()
 
@@ -204,3 +204,25 @@ def test_control_the_generator_finds_a_broken_walpatch(
     with pytest.raises(DifferenceFound) as info:
         run()
     assert "--- reproducer" in str(info.value)
+
+
+FAULT_EXAMPLES = int(os.environ.get("WALPATCH_DIFF_FAULT_EXAMPLES", "120"))
+
+
+@pytest.mark.fault
+def test_differential_with_real_faults(libfiu: Any) -> None:
+    """The same, with one real syscall fault (libfiu: EIO on pwrite/fdatasync/pread/open,
+    ENOMEM on mmap, once) around a WAL request followed by the legacy fallback to DELETE;
+    both workers run under ``fiu-run -x``."""
+    fpair = diffprog.WorkerPair(fiu=True).start()
+    try:
+        @_settings(FAULT_EXAMPLES)
+        @given(diffprog.programs_with_faults(OFF))
+        def run(prog: Dict[str, Any]) -> None:
+            check_program(fpair, prog)
+
+        if os.environ.get("WALPATCH_DIFF_SEED"):
+            run = seed(int(os.environ["WALPATCH_DIFF_SEED"]))(run)
+        run()
+    finally:
+        fpair.close()
