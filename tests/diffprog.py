@@ -105,6 +105,7 @@ class Step(NamedTuple):
     entry: str = ""
     journal: str = ""  # "", "wal", "down", "query": what the SQL asks of the journal mode
     allow_downgrade: bool = False
+    wal_before_down: bool = False  # a script with a WAL request before a downgrade
 
 
 def _sql_str(text: str) -> str:
@@ -290,8 +291,11 @@ def statement_step(draw: Any, k: int, names: List[str], off: FrozenSet[str]) -> 
         sep = draw(st.sampled_from([";\n", "; ", " ;; "]))
         script = sep.join(p for p, _ in parts) + draw(st.sampled_from([";", ";\n", ""]))
         journal = next((j for _, j in parts if j in ("down", "wal")), "")
+        kinds = [j for _, j in parts]
+        wal_before_down = "wal" in kinds and "down" in kinds[kinds.index("wal"):]
         entry = draw(st.sampled_from(["conn.executescript", "cursor.executescript"]))
-        return Step(_entry_code(entry, c, script, None), "script", k, entry, journal, allow)
+        return Step(_entry_code(entry, c, script, None), "script", k, entry, journal, allow,
+                    wal_before_down)
     # several statements in one execute(): sqlite3 refuses them
     if "execute_multi" in off:
         return Step(_entry_code("conn.execute", c, "SELECT 1; SELECT 2", None), "stmt", k,
@@ -640,8 +644,8 @@ def allowed_difference(prog: Dict[str, Any], i: int, plain: Dict[str, Any],
        and the program's legacy fallback asked for DELETE: walpatch may have retried to
        success, or raised the same error and refused the fallback; allowed as long as no file
        ends that step further from WAL than in the plain run.
-    5. ``refused-wal-on-disk-after-wal-in-script``: a script of journal-mode pragmas whose
-       first request is WAL runs statement by statement (README "Limits"); its later
+    5. ``refused-wal-on-disk-after-wal-in-script``: a script of journal-mode pragmas with a
+       WAL request before a downgrade runs statement by statement (README "Limits"); the
        downgrade is refused because the file is WAL on disk by then, and the file ends 2/2.
     Never allowed: observe mode (nothing may differ) and steps inside ``allow_downgrade()``.
     """
@@ -653,7 +657,7 @@ def allowed_difference(prog: Dict[str, Any], i: int, plain: Dict[str, Any],
             ref is not None and step.get("kind") == "script"):
         name = _basename(ref.get("database"))
         before = wp_before.get(name or "", "missing")
-        if step.get("kind") == "script" and step.get("journal") == "wal" and \
+        if step.get("kind") == "script" and step.get("wal_before_down") and \
                 _is_wal(wp["after"].get(name or "")) and not _is_wal(before):
             # the script's own WAL request ran first (statement by statement), so the file
             # was WAL on disk when its downgrade came
