@@ -633,8 +633,13 @@ def allowed_difference(prog: Dict[str, Any], i: int, plain: Dict[str, Any],
 
     1. ``refused-wal-on-disk``: walpatch raised WalDowngradeRefused for a downgrade of a file
        whose header was 2/2 (WAL) before the step, and no file changed in the walpatch run
-       ("the database is untouched"). Plain sqlite3 may have downgraded it, or failed (a lock,
-       a transaction, a closed cursor: transparency limit 10).
+       ("the database is untouched"). Plain sqlite3 downgraded it, or failed with an
+       OperationalError/DatabaseError (a lock, a transaction) or on a closed cursor
+       (transparency limit 10), or succeeded without changing it (SQLite's silent refusals:
+       the refusal is decided by the header on disk). Not allowed: plain raised a usage
+       error (ProgrammingError, ValueError, ...: sqlite3's own rejection comes first, issue
+       10 item 12).
+       Rules 2 and 3 have the same conditions on the plain outcome.
     2. ``refused-after-failed-wal``: WalDowngradeRefused carrying the error of this process's
        last failed WAL request for the file (``original_error``), after an earlier step of the
        walpatch run raised; nothing changed.
@@ -664,6 +669,11 @@ def allowed_difference(prog: Dict[str, Any], i: int, plain: Dict[str, Any],
             return "refused-wal-on-disk-after-wal-in-script"
         if _without_wal_index(wp["after"]) != _without_wal_index(wp_before):
             return None  # a refusal leaves every database file (and -journal) as it was
+        pexc = plain.get("exc")
+        if pexc is not None and not (
+                pexc["type"] in ("sqlite3.OperationalError", "sqlite3.DatabaseError")
+                or pexc["message"] == "Cannot operate on a closed cursor."):
+            return None  # sqlite3 rejects the call itself: its error comes first
         if _is_wal(before):
             return "refused-wal-on-disk"
         if ref.get("original_error") and any("exc" in h for h in wp_history):
