@@ -129,11 +129,17 @@ def run_faults(args: argparse.Namespace, scenario: str) -> List[Dict[str, Any]]:
 
 
 def run_lock(mode: str, duration: float, threads: int, seed: int, naive: bool,
-             workdir: Optional[str] = None, keep: bool = False, command: str = ""
-             ) -> Dict[str, Any]:
+             workdir: Optional[str] = None, keep: bool = False, command: str = "",
+             lock_guard: str = "off") -> Dict[str, Any]:
     """One lock-safety run: create the database, run the protected process (which starts
-    the watcher), then verify integrity and the holders' ledger in a clean process."""
+    the watcher), then verify integrity and the holders' ledger in a clean process.
+
+    ``lock_guard``: WALPATCH_LOCK_GUARD for the protected process. ``off`` by default, so that
+    the naive control really loses locks (with ``protect`` walpatch's lock guard keeps the
+    naive reader's close from releasing them: the run with ``naive=True,
+    lock_guard="protect"`` shows that)."""
     env = child_env()
+    env["WALPATCH_LOCK_GUARD"] = lock_guard
     d = tempfile.mkdtemp(prefix="walpatch-locks-", dir=workdir)
     db, ledger = os.path.join(d, "locks.db"), os.path.join(d, "ledger.txt")
 
@@ -152,7 +158,12 @@ def run_lock(mode: str, duration: float, threads: int, seed: int, naive: bool,
     row.update(kind="locks", integrity=ver.get("integrity"), lost=ver.get("lost"),
                committed=ver.get("ledger_rows"), header=ver.get("header"), command=command)
     problems = []
-    if naive:
+    if naive and lock_guard == "protect":
+        if row["violations"]:
+            problems.append(f"{row['violations']} of {row['probes']} held locks lost although "
+                            "the lock guard protects the naive reader")
+        row["ok"] = not problems and row["integrity"] == "ok" and not row["lost"]
+    elif naive:
         if not row["violations"]:
             problems.append("the naive read lost no lock: the watcher cannot see lost locks")
         else:

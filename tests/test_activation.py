@@ -68,7 +68,7 @@ def source_copy(base: Path) -> Path:
             path = ROOT / item
             if path.is_dir():
                 shutil.copytree(path, src / item,
-                                ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+                                ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "*.so"))
             else:
                 shutil.copy2(path, src / item)
         (src / READY).write_text("ok")
@@ -119,8 +119,11 @@ def build_venv(base: Path, name: str, pip_args: Sequence[str] = (),
     else:
         _check([base_python, "-m", "venv", str(home)])
         if pip_args:
+            # The wheelhouse's walpatch wheel is this interpreter's (it carries the compiled
+            # walpatch._speedups): another interpreter builds walpatch from the source copy.
+            args = [str(source_copy(base)) if a == "walpatch" else a for a in pip_args]
             _check([str(python), "-m", "pip", "install", *quiet, "--find-links", str(wh),
-                    *pip_args])
+                    *args])
     (home / READY).write_text("ok")
     return python
 

@@ -14,7 +14,7 @@ import subprocess
 import sys
 import tracemalloc
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List
 
 import pytest
 
@@ -289,24 +289,17 @@ def test_sqlite3_rejections_pass_through(tmp_path: Path) -> None:
     _executemany_of_a_downgrade_is_refused(tmp_path, sys.executable)
 
 
-def _pyenv(version: str) -> Optional[str]:
-    """An interpreter of that version that can import walpatch's dependencies (a venv made
-    next to the checkout, or the pyenv interpreter itself)."""
-    for candidate in (ROOT / f".venv-{version}" / "bin" / "python",
-                      Path.home() / ".pyenv" / "versions" / version / "bin" / "python"):
-        if candidate.exists() and subprocess.run(
-                [str(candidate), "-c", "import wrapt"], capture_output=True).returncode == 0:
-            return str(candidate)
-    return None
-
-
 @pytest.mark.parametrize("version", ["3.8.18", "3.10.13"])
 def test_sqlite3_rejections_pass_through_on_older_pythons(tmp_path: Path, version: str) -> None:
-    python = _pyenv(version)
-    if python is None:
-        pytest.fail(f"no Python {version} with wrapt: make .venv-{version} "
-                    f"(~/.pyenv/versions/{version}/bin/python -m venv .venv-{version}; "
-                    f".venv-{version}/bin/pip install -e .)")
+    """On the pyenv interpreter of that version (walpatch from this checkout on PYTHONPATH,
+    wrapt from a cached venv: tests/test_cpython_suite.py's python_with_wrapt). A missing
+    interpreter fails: nothing is skipped."""
+    from .test_cpython_suite import python_with_wrapt
+
+    base = Path.home() / ".pyenv" / "versions" / version / "bin" / "python"
+    if not base.exists():
+        pytest.fail(f"CPython {version} is not installed at {base} (pyenv install {version})")
+    python = python_with_wrapt(version[:version.rindex(".")], str(base))
     _compare_rejections(tmp_path, python)
     _executemany_of_a_downgrade_is_refused(tmp_path, python)
 

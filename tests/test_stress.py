@@ -157,3 +157,9 @@ def test_lock_safety_under_load(tmp_path, mode):
     assert control["fcntl_violations"] > 0, control  # the watcher does see a lost lock
     if mode == "delete":
         assert control["sql_violations"] > 0, control  # ...and can then take the write lock
+
+    # The same naive reader with walpatch's lock guard on (issue 12): no lock is lost.
+    shielded = run_lock(mode, 2.0, 8, 1, naive=True, workdir=str(tmp_path), lock_guard="protect")
+    assert shielded["probes"] > 0 and shielded["naive_reads"] > 0, shielded
+    assert shielded["fcntl_violations"] == 0 and shielded["sql_violations"] == 0, shielded
+    assert shielded["integrity"] == "ok" and shielded["lost"] == 0, shielded

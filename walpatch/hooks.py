@@ -115,13 +115,17 @@ def _make_wrapper(dbapi: ModuleType) -> Any:
                 pass
             count("connections")
             watch(dbapi, database)  # WAL-reset bug: a connection to a WAL file is WAL use
-            track(conn)  # the lock guard (lockguard.py); returns at once when it is off
+            track(conn, database)  # the lock guard (lockguard.py): at once when it is off
             return conn
         try:  # a factory that is not a class made it: guard it if its class allows
             if _guard_result(conn, given, factory, dbapi):
+                try:
+                    conn._walpatch_database = database
+                except AttributeError:
+                    pass
                 count("connections")
                 watch(dbapi, database)
-                track(conn)
+                track(conn, database)
         except Exception as exc:  # the connection is the application's: hand it over
             _fall_back(exc)
         return conn

@@ -158,15 +158,15 @@ class _Parked:
 # ---------------------------------------------------------------------------------------------
 # registration (called by hooks.py at connect and by the guarded class's close())
 
-def track(conn: Any) -> None:
-    """Record a new guarded connection. Runs on every connect(): no system call (the path
-    is resolved on the first check), no lock (dict operations are atomic)."""
+def track(conn: Any, database: Any) -> None:
+    """Record a new guarded connection to ``database`` (connect()'s first argument). Runs on
+    every connect(): no system call (the path is resolved on the first check), no lock (dict
+    operations are atomic)."""
     global _pending
     config = runtime.config
     if config is None or config.lock_guard == OFF:
         return
     try:
-        database = conn._walpatch_database
         if type(database) is str and database[:1] == "/":
             path = database  # the common case, without a call
         else:
