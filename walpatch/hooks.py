@@ -40,7 +40,10 @@ _errors: List[str] = []  # patching failures, for is_installed()/status()
 
 # CPython 3.13 deprecates positional arguments after the first; its warning would point at
 # our wrapper, so the wrapper passes them as keywords and warns on the caller's line instead.
-_KEYWORD_AFTER_FIRST = sys.version_info >= (3, 13)
+# 3.15 makes them keyword-only (a TypeError): there they go to the original connect as given,
+# so that the application gets the interpreter's own error, with or without walpatch.
+_KEYWORD_AFTER_FIRST = (3, 13) <= sys.version_info < (3, 15)
+_KEYWORD_ONLY = sys.version_info >= (3, 15)
 _CONNECT_PARAMETERS = ("timeout", "detect_types", "isolation_level", "check_same_thread",
                        "factory", "cached_statements", "uri")
 _POSITIONAL_WARNING = (
@@ -64,11 +67,15 @@ def _make_wrapper(dbapi: ModuleType) -> Any:
     # the application imports sqlite3: an application that imports sqlite3 and never
     # connects does not pay for it. Holds (guarded_connection_class, events.count) once loaded.
     loaded: List[Tuple[Callable[..., Any], Callable[..., Any]]] = []
-    warn_positional = _KEYWORD_AFTER_FIRST and dbapi.__name__ == "sqlite3.dbapi2"
+    stdlib = dbapi.__name__ == "sqlite3.dbapi2"
+    warn_positional = _KEYWORD_AFTER_FIRST and stdlib
+    keyword_only = _KEYWORD_ONLY and stdlib
 
     def connect_wrapper(
         wrapped: Any, instance: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any]
     ) -> Any:
+        if keyword_only and len(args) > 1:
+            return wrapped(*args, **kwargs)  # raises the interpreter's own TypeError
         if not loaded:
             from .connection import guarded_connection_class
             from .events import count
