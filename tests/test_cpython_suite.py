@@ -1,10 +1,11 @@
 """CPython's own sqlite3 test suite passes the same with walpatch installed as without it.
 
-For every CPython 3.8-3.15 (and the free-threaded 3.13t) in ~/.pyenv/versions, run ``tests/cpython_suite_runner.py`` in a
-subprocess twice (plain, then with ``walpatch.install()`` first) and compare the counts and the
-ids of the failing tests. The interpreters other than the one running pytest have no wrapt, so
-each gets a venv with wrapt in a cache dir (~/.cache/walpatch-test-venvs, reused across runs;
-built atomically so parallel runs cannot see a half-made one).
+For every CPython 3.8-3.15 (and the free-threaded 3.13t) in ~/.pyenv/versions, run
+``tests/cpython_suite_runner.py`` in a subprocess twice (plain, then with
+``walpatch.install()`` first) and compare the counts and the ids of the failing tests. The
+interpreters other than the one running pytest have no wrapt, so each gets a venv with wrapt
+in a cache dir (~/.cache/walpatch-test-venvs, reused across runs; built atomically so parallel
+runs cannot see a half-made one).
 
 The differences the suite finds are inherent to instrumenting sqlite3 from Python (design.md §1,
 docs/transparency.md): walpatch hands out a *subclass* of ``sqlite3.Connection`` so that
