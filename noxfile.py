@@ -1,14 +1,18 @@
-"""The compatibility matrix: the whole test suite on every CPython 3.8-3.13 that pyenv has,
-against wrapt 1.17 and against the newest wrapt 2.x that the interpreter supports.
+"""The compatibility matrix: the whole test suite on every CPython 3.8-3.15 that pyenv has,
+against wrapt 1.17 and against the newest wrapt 2.x that the interpreter supports, and on the
+free-threaded 3.13t build (session ``tests_free_threaded``, newest wrapt 2.x).
 
     python -m pip install nox
     nox                                   # the whole matrix (docs/compatibility.md)
     nox -l                                # list the cells
     nox -s "tests-3.8(wrapt='1.17')"      # one cell
     nox -s tests-3.12 -- -k frameworks    # pytest arguments after --
+    nox -s tests_free_threaded            # the free-threaded 3.13t cell
 
 Interpreters: ``pyenv versions --bare`` (or the folders of $PYENV_ROOT/versions), newest patch
-release of each minor version 3.8-3.13; their ``bin`` folders are put first on PATH so that
+release of each minor version 3.8-3.15, and the newest free-threaded ``3.13.Zt`` (labelled
+``3.13t``); 3.14, 3.15 and 3.13t come from scripts/provision-pythons.sh (docs/compatibility.md),
+which .ci/run calls first. Their ``bin`` folders are put first on PATH so that
 nox finds the real interpreters, not pyenv's shims. Nothing is downloaded: an interpreter
 that is missing is reported by nox (an error when the CI variable is set).
 
@@ -42,7 +46,9 @@ from typing import Dict, List
 
 import nox
 
-MINORS = range(8, 14)  # CPython 3.8 .. 3.13
+MINORS = range(8, 16)  # CPython 3.8 .. 3.15
+#: free-threaded builds (pyenv's naming, ~/.pyenv/versions/3.13.Zt): their cell label
+FREE_THREADED_MINORS = range(13, 14)  # 3.13t (3.14t: no source obtainable here yet)
 WRAPT = {
     "1.17": "wrapt==1.17.*",
     "2": "wrapt>=2,!=2.2.0",  # pip picks the newest 2.x the interpreter supports
@@ -65,7 +71,7 @@ NOT_COVERED = {
 FULL_ON = "3.11"
 CORE_LEAVES_OUT = ["tests/test_stress.py", "tests/test_bench_smoke.py", "tests/test_sqlscan.py"]
 
-nox.options.sessions = ["tests"]
+nox.options.sessions = ["tests", "tests_free_threaded"]
 nox.options.reuse_existing_virtualenvs = False
 if hasattr(nox.options, "download_python"):
     nox.options.download_python = "never"  # only registries are reachable here
@@ -88,12 +94,15 @@ def _pyenv_versions() -> List[str]:
     return names
 
 
-def discover() -> Dict[str, str]:
-    """'3.8' -> the bin folder of the newest pyenv CPython 3.8.x (3.8-3.13 only)."""
+def discover(free_threaded: bool = False) -> Dict[str, str]:
+    """'3.8' -> the bin folder of the newest pyenv CPython 3.8.x (3.8-3.15 only); with
+    ``free_threaded``, '3.13t' -> that of the newest 3.13.Zt."""
     newest: Dict[int, tuple] = {}
+    suffix = "t" if free_threaded else ""
+    minors = FREE_THREADED_MINORS if free_threaded else MINORS
     for name in _pyenv_versions():
-        match = re.fullmatch(r"3\.(\d+)\.(\d+)", name)
-        if not match or int(match.group(1)) not in MINORS:
+        match = re.fullmatch(r"3\.(\d+)\.(\d+)" + suffix, name)
+        if not match or int(match.group(1)) not in minors:
             continue
         minor, patch = int(match.group(1)), int(match.group(2))
         bin_dir = os.path.join(_pyenv_root(), "versions", name, "bin")
@@ -101,13 +110,17 @@ def discover() -> Dict[str, str]:
             continue
         if minor not in newest or patch > newest[minor][0]:
             newest[minor] = (patch, bin_dir)
-    return {f"3.{minor}": newest[minor][1] for minor in sorted(newest)}
+    return {f"3.{minor}{suffix}": newest[minor][1] for minor in sorted(newest)}
 
 
 INTERPRETERS = discover()
+FREE_THREADED = discover(free_threaded=True)
 PYTHONS = list(INTERPRETERS) or [f"3.{minor}" for minor in MINORS]
-# Real interpreters first on PATH (before pyenv's shims), so "3.8" resolves to python3.8.
-os.environ["PATH"] = os.pathsep.join(list(INTERPRETERS.values()) + [os.environ.get("PATH", "")])
+PYTHONS_FT = list(FREE_THREADED) or [f"3.{minor}t" for minor in FREE_THREADED_MINORS]
+# Real interpreters first on PATH (before pyenv's shims), so "3.8" resolves to python3.8 and
+# "3.13t" to python3.13t.
+os.environ["PATH"] = os.pathsep.join(list(INTERPRETERS.values()) + list(FREE_THREADED.values())
+                                     + [os.environ.get("PATH", "")])
 
 
 def _name(requirement: str) -> str:
@@ -124,7 +137,8 @@ def test_requirements() -> List[str]:
 
 def other_versions_expression(current: str) -> str:
     """A pytest -k expression deselecting tests parametrized with another version's id."""
-    others = [f"[3.{minor}]" for minor in MINORS if f"3.{minor}" != current]
+    labels = [f"3.{minor}" for minor in MINORS] + [f"3.{m}t" for m in FREE_THREADED_MINORS]
+    others = [f"[{label}]" for label in labels if label != current]
     return " and ".join(f"not {ident}" for ident in others)
 
 
@@ -132,6 +146,18 @@ def other_versions_expression(current: str) -> str:
 @nox.parametrize("wrapt", list(WRAPT))
 def tests(session: nox.Session, wrapt: str) -> None:
     """The whole test suite on one interpreter with one wrapt series."""
+    _cell(session, wrapt)
+
+
+@nox.session(python=PYTHONS_FT, venv_backend="venv")
+def tests_free_threaded(session: nox.Session) -> None:
+    """The whole suite on the free-threaded build (newest wrapt 2.x: the series that declares
+    free-threading support), including tests/test_free_threaded.py (GIL stays off, threads
+    stress) run on this very interpreter."""
+    _cell(session, "2")
+
+
+def _cell(session: nox.Session, wrapt: str) -> None:
     suite = os.environ.get("WALPATCH_NOX_SUITE", "full").strip().lower()
     if suite not in ("full", "core", "ci"):
         session.error(f"WALPATCH_NOX_SUITE={suite!r}: use 'full', 'core' or 'ci'")
