@@ -14,6 +14,7 @@ wrapper of another kind it cannot, and ours stays there disabled.
 """
 from __future__ import annotations
 
+import os
 import sys
 import threading
 import warnings
@@ -87,7 +88,12 @@ def _make_wrapper(dbapi: ModuleType) -> Any:
         # positionally and the factory's __init__ warns too; keywords would lose that.)
         if (warn_positional and 1 < len(args) <= FACTORY_POSITION
                 and not set(kwargs) & set(_CONNECT_PARAMETERS[:len(args) - 1])):
-            warnings.warn(_POSITIONAL_WARNING, DeprecationWarning, stacklevel=2)
+            # On the caller's line: past our frame and wrapt's (pure-Python wrapt, as on
+            # free-threaded builds where wrapt 2.5 installs without its C extension, adds one).
+            wrapt_dir = os.path.dirname(getattr(sys.modules.get("wrapt"), "__file__", "") or "")
+            skip: Dict[str, Any] = {  # a 3.12+ argument; this branch runs on 3.13/3.14 only
+                "skip_file_prefixes": (wrapt_dir + os.sep,) if wrapt_dir else ()}
+            warnings.warn(_POSITIONAL_WARNING, DeprecationWarning, stacklevel=2, **skip)
             kwargs.update(zip(_CONNECT_PARAMETERS, args[1:]))
             args = args[:1]
         if len(args) > FACTORY_POSITION:
