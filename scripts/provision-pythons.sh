@@ -188,6 +188,7 @@ provision_free_threaded() {
     local candidates
     candidates=$(apt-cache "${APT_OPTS[@]}" showsrc python3.13 2>/dev/null | sed -n 's/^Version: //p' | sort -Vr)
     [ -n "$candidates" ] || { log "python3.13 source: not in Debian unstable's index"; return 1; }
+    # Any version of the index already provisioned and healthy is kept (--force rebuilds).
     for debver in $candidates; do
         version=${debver%%-*}; version=${version%%+*}
         prefix=$PYENV_VERSIONS/${version}t
@@ -196,6 +197,10 @@ provision_free_threaded() {
             log "python3.13t: $prefix already provisioned"
             return 0
         fi
+    done
+    for debver in $candidates; do
+        version=${debver%%-*}; version=${version%%+*}
+        prefix=$PYENV_VERSIONS/${version}t
         src=$CACHE/src/python3.13_$debver
         mkdir -p "$src"
         tarball=$(ls "$src"/python3.13_*.orig.tar.* 2>/dev/null | grep -v '\.asc$' | head -1 || true)
