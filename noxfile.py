@@ -42,7 +42,7 @@ import glob
 import os
 import re
 import subprocess
-from typing import Dict, List
+from typing import Dict, List, Sequence
 
 import nox
 
@@ -154,10 +154,12 @@ def tests_free_threaded(session: nox.Session) -> None:
     """The whole suite on the free-threaded build (newest wrapt 2.x: the series that declares
     free-threading support), including tests/test_free_threaded.py (GIL stays off, threads
     stress) run on this very interpreter."""
-    _cell(session, "2")
+    # hypothesis 6.156+ has no free-threaded wheel and builds a Rust extension from the crates
+    # index, which is not reachable here: take the newest hypothesis that ships a wheel.
+    _cell(session, "2", pip_args=["--only-binary", "hypothesis"])
 
 
-def _cell(session: nox.Session, wrapt: str) -> None:
+def _cell(session: nox.Session, wrapt: str, pip_args: Sequence[str] = ()) -> None:
     suite = os.environ.get("WALPATCH_NOX_SUITE", "full").strip().lower()
     if suite not in ("full", "core", "ci"):
         session.error(f"WALPATCH_NOX_SUITE={suite!r}: use 'full', 'core' or 'ci'")
@@ -165,7 +167,7 @@ def _cell(session: nox.Session, wrapt: str) -> None:
     # setup.cfg's test extra, minus what cannot be installed in this cell (pip would
     # otherwise backtrack for many minutes looking for an OpenTelemetry that takes wrapt 2).
     requirements = [r for r in test_requirements() if not (gap and _name(r) in OTEL)]
-    session.install("-e", ".", WRAPT[wrapt], *requirements)
+    session.install(*pip_args, "-e", ".", WRAPT[wrapt], *requirements)
     got = session.run("python", "-c", "import wrapt; print(wrapt.__version__)", silent=True)
     got = (got or "").strip().splitlines()[-1]
     if not (got.startswith("1.17.") if wrapt == "1.17" else got.startswith("2.")):
