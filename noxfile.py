@@ -61,6 +61,10 @@ NOT_COVERED = {
     ("3.8", "2"): ("tests/test_stacking.py",
                    "opentelemetry-instrumentation 0.54b1, the last release for Python 3.8, "
                    "requires wrapt<2: OpenTelemetry cannot be installed next to wrapt 2 on 3.8"),
+    ("3.13t", "2"): ("tests/test_dropins.py",
+                     "pysqlite3-binary and sqlean.py have no free-threaded (cp313t) wheels; "
+                     "building both from source was not verified here (sqlean.py's sdist took "
+                     "15 min on 3.15); the drop-ins run in the 3.9-3.15 cells"),
 }
 #: WALPATCH_NOX_SUITE=ci (what .ci/run uses, right after the full suite on 3.11): every cell
 #: leaves out CORE_LEAVES_OUT.
@@ -166,7 +170,8 @@ def _cell(session: nox.Session, wrapt: str, pip_args: Sequence[str] = ()) -> Non
     gap = NOT_COVERED.get((str(session.python), wrapt))
     # setup.cfg's test extra, minus what cannot be installed in this cell (pip would
     # otherwise backtrack for many minutes looking for an OpenTelemetry that takes wrapt 2).
-    requirements = [r for r in test_requirements() if not (gap and _name(r) in OTEL)]
+    requirements = [r for r in test_requirements()
+                    if not (gap and gap[0] == "tests/test_stacking.py" and _name(r) in OTEL)]
     session.install(*pip_args, "-e", ".", WRAPT[wrapt], *requirements)
     got = session.run("python", "-c", "import wrapt; print(wrapt.__version__)", silent=True)
     got = (got or "").strip().splitlines()[-1]
