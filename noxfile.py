@@ -1,14 +1,18 @@
-"""The compatibility matrix: the whole test suite on every CPython 3.8-3.13 that pyenv has,
-against wrapt 1.17 and against the newest wrapt 2.x that the interpreter supports.
+"""The compatibility matrix: the whole test suite on every CPython 3.8-3.15 that pyenv has,
+against wrapt 1.17 and against the newest wrapt 2.x that the interpreter supports, and on the
+free-threaded 3.13t build (session ``tests_free_threaded``, newest wrapt 2.x).
 
     python -m pip install nox
     nox                                   # the whole matrix (docs/compatibility.md)
     nox -l                                # list the cells
     nox -s "tests-3.8(wrapt='1.17')"      # one cell
     nox -s tests-3.12 -- -k frameworks    # pytest arguments after --
+    nox -s tests_free_threaded            # the free-threaded 3.13t cell
 
 Interpreters: ``pyenv versions --bare`` (or the folders of $PYENV_ROOT/versions), newest patch
-release of each minor version 3.8-3.13; their ``bin`` folders are put first on PATH so that
+release of each minor version 3.8-3.15, and the newest free-threaded ``3.13.Zt`` (labelled
+``3.13t``); 3.14, 3.15 and 3.13t come from scripts/provision-pythons.sh (docs/compatibility.md),
+which .ci/run calls first. Their ``bin`` folders are put first on PATH so that
 nox finds the real interpreters, not pyenv's shims. Nothing is downloaded: an interpreter
 that is missing is reported by nox (an error when the CI variable is set).
 
@@ -38,11 +42,13 @@ import glob
 import os
 import re
 import subprocess
-from typing import Dict, List
+from typing import Dict, List, Sequence
 
 import nox
 
-MINORS = range(8, 14)  # CPython 3.8 .. 3.13
+MINORS = range(8, 16)  # CPython 3.8 .. 3.15
+#: free-threaded builds (pyenv's naming, ~/.pyenv/versions/3.13.Zt): their cell label
+FREE_THREADED_MINORS = range(13, 14)  # 3.13t (3.14t: no source obtainable here yet)
 WRAPT = {
     "1.17": "wrapt==1.17.*",
     "2": "wrapt>=2,!=2.2.0",  # pip picks the newest 2.x the interpreter supports
@@ -55,6 +61,10 @@ NOT_COVERED = {
     ("3.8", "2"): ("tests/test_stacking.py",
                    "opentelemetry-instrumentation 0.54b1, the last release for Python 3.8, "
                    "requires wrapt<2: OpenTelemetry cannot be installed next to wrapt 2 on 3.8"),
+    ("3.13t", "2"): ("tests/test_dropins.py",
+                     "pysqlite3-binary and sqlean.py have no free-threaded (cp313t) wheels; "
+                     "building both from source was not verified here (sqlean.py's sdist took "
+                     "15 min on 3.15); the drop-ins run in the 3.9-3.15 cells"),
 }
 #: WALPATCH_NOX_SUITE=ci (what .ci/run uses, right after the full suite on 3.11): every cell
 #: leaves out CORE_LEAVES_OUT.
@@ -65,7 +75,7 @@ NOT_COVERED = {
 FULL_ON = "3.11"
 CORE_LEAVES_OUT = ["tests/test_stress.py", "tests/test_bench_smoke.py", "tests/test_sqlscan.py"]
 
-nox.options.sessions = ["tests"]
+nox.options.sessions = ["tests", "tests_free_threaded"]
 nox.options.reuse_existing_virtualenvs = False
 if hasattr(nox.options, "download_python"):
     nox.options.download_python = "never"  # only registries are reachable here
@@ -88,12 +98,15 @@ def _pyenv_versions() -> List[str]:
     return names
 
 
-def discover() -> Dict[str, str]:
-    """'3.8' -> the bin folder of the newest pyenv CPython 3.8.x (3.8-3.13 only)."""
+def discover(free_threaded: bool = False) -> Dict[str, str]:
+    """'3.8' -> the bin folder of the newest pyenv CPython 3.8.x (3.8-3.15 only); with
+    ``free_threaded``, '3.13t' -> that of the newest 3.13.Zt."""
     newest: Dict[int, tuple] = {}
+    suffix = "t" if free_threaded else ""
+    minors = FREE_THREADED_MINORS if free_threaded else MINORS
     for name in _pyenv_versions():
-        match = re.fullmatch(r"3\.(\d+)\.(\d+)", name)
-        if not match or int(match.group(1)) not in MINORS:
+        match = re.fullmatch(r"3\.(\d+)\.(\d+)" + suffix, name)
+        if not match or int(match.group(1)) not in minors:
             continue
         minor, patch = int(match.group(1)), int(match.group(2))
         bin_dir = os.path.join(_pyenv_root(), "versions", name, "bin")
@@ -101,13 +114,17 @@ def discover() -> Dict[str, str]:
             continue
         if minor not in newest or patch > newest[minor][0]:
             newest[minor] = (patch, bin_dir)
-    return {f"3.{minor}": newest[minor][1] for minor in sorted(newest)}
+    return {f"3.{minor}{suffix}": newest[minor][1] for minor in sorted(newest)}
 
 
 INTERPRETERS = discover()
+FREE_THREADED = discover(free_threaded=True)
 PYTHONS = list(INTERPRETERS) or [f"3.{minor}" for minor in MINORS]
-# Real interpreters first on PATH (before pyenv's shims), so "3.8" resolves to python3.8.
-os.environ["PATH"] = os.pathsep.join(list(INTERPRETERS.values()) + [os.environ.get("PATH", "")])
+PYTHONS_FT = list(FREE_THREADED) or [f"3.{minor}t" for minor in FREE_THREADED_MINORS]
+# Real interpreters first on PATH (before pyenv's shims), so "3.8" resolves to python3.8 and
+# "3.13t" to python3.13t.
+os.environ["PATH"] = os.pathsep.join(list(INTERPRETERS.values()) + list(FREE_THREADED.values())
+                                     + [os.environ.get("PATH", "")])
 
 
 def _name(requirement: str) -> str:
@@ -124,7 +141,8 @@ def test_requirements() -> List[str]:
 
 def other_versions_expression(current: str) -> str:
     """A pytest -k expression deselecting tests parametrized with another version's id."""
-    others = [f"[3.{minor}]" for minor in MINORS if f"3.{minor}" != current]
+    labels = [f"3.{minor}" for minor in MINORS] + [f"3.{m}t" for m in FREE_THREADED_MINORS]
+    others = [f"[{label}]" for label in labels if label != current]
     return " and ".join(f"not {ident}" for ident in others)
 
 
@@ -132,14 +150,29 @@ def other_versions_expression(current: str) -> str:
 @nox.parametrize("wrapt", list(WRAPT))
 def tests(session: nox.Session, wrapt: str) -> None:
     """The whole test suite on one interpreter with one wrapt series."""
+    _cell(session, wrapt)
+
+
+@nox.session(python=PYTHONS_FT, venv_backend="venv")
+def tests_free_threaded(session: nox.Session) -> None:
+    """The whole suite on the free-threaded build (newest wrapt 2.x: the series that declares
+    free-threading support), including tests/test_free_threaded.py (GIL stays off, threads
+    stress) run on this very interpreter."""
+    # hypothesis 6.156+ has no free-threaded wheel and builds a Rust extension from the crates
+    # index, which is not reachable here: take the newest hypothesis that ships a wheel.
+    _cell(session, "2", pip_args=["--only-binary", "hypothesis"])
+
+
+def _cell(session: nox.Session, wrapt: str, pip_args: Sequence[str] = ()) -> None:
     suite = os.environ.get("WALPATCH_NOX_SUITE", "full").strip().lower()
     if suite not in ("full", "core", "ci"):
         session.error(f"WALPATCH_NOX_SUITE={suite!r}: use 'full', 'core' or 'ci'")
     gap = NOT_COVERED.get((str(session.python), wrapt))
     # setup.cfg's test extra, minus what cannot be installed in this cell (pip would
     # otherwise backtrack for many minutes looking for an OpenTelemetry that takes wrapt 2).
-    requirements = [r for r in test_requirements() if not (gap and _name(r) in OTEL)]
-    session.install("-e", ".", WRAPT[wrapt], *requirements)
+    requirements = [r for r in test_requirements()
+                    if not (gap and gap[0] == "tests/test_stacking.py" and _name(r) in OTEL)]
+    session.install(*pip_args, "-e", ".", WRAPT[wrapt], *requirements)
     got = session.run("python", "-c", "import wrapt; print(wrapt.__version__)", silent=True)
     got = (got or "").strip().splitlines()[-1]
     if not (got.startswith("1.17.") if wrapt == "1.17" else got.startswith("2.")):

@@ -222,9 +222,13 @@ def test_2000_connect_close_cycles_do_not_grow_caches_or_leak(installed, tmp_pat
         elif i % 4 == 1:
             conn = sqlite3.connect(path, factory=_AppConnection)
         elif i % 4 == 2:
-            with warnings.catch_warnings():  # 3.13 deprecates positional connect arguments
-                warnings.simplefilter("ignore", DeprecationWarning)
-                conn = sqlite3.connect(path, 5.0, 0, "", True, _AppConnection)
+            if sys.version_info >= (3, 15):  # keyword-only from 3.15
+                conn = sqlite3.connect(path, timeout=5.0, detect_types=0, isolation_level="",
+                                       check_same_thread=True, factory=_AppConnection)
+            else:
+                with warnings.catch_warnings():  # 3.13 deprecates positional connect arguments
+                    warnings.simplefilter("ignore", DeprecationWarning)
+                    conn = sqlite3.connect(path, 5.0, 0, "", True, _AppConnection)
         else:
             conn = sqlite3.dbapi2.connect(path)
         assert conn.execute("PRAGMA journal_mode=WAL").fetchone() == ("wal",)

@@ -1,10 +1,11 @@
 """CPython's own sqlite3 test suite passes the same with walpatch installed as without it.
 
-For every CPython 3.8-3.13 in ~/.pyenv/versions, run ``tests/cpython_suite_runner.py`` in a
-subprocess twice (plain, then with ``walpatch.install()`` first) and compare the counts and the
-ids of the failing tests. The interpreters other than the one running pytest have no wrapt, so
-each gets a venv with wrapt in a cache dir (~/.cache/walpatch-test-venvs, reused across runs;
-built atomically so parallel runs cannot see a half-made one).
+For every CPython 3.8-3.15 (and the free-threaded 3.13t) in ~/.pyenv/versions, run
+``tests/cpython_suite_runner.py`` in a subprocess twice (plain, then with
+``walpatch.install()`` first) and compare the counts and the ids of the failing tests. The
+interpreters other than the one running pytest have no wrapt, so each gets a venv with wrapt
+in a cache dir (~/.cache/walpatch-test-venvs, reused across runs; built atomically so parallel
+runs cannot see a half-made one).
 
 The differences the suite finds are inherent to instrumenting sqlite3 from Python (design.md §1,
 docs/transparency.md): walpatch hands out a *subclass* of ``sqlite3.Connection`` so that
@@ -24,6 +25,7 @@ import os
 import shutil
 import subprocess
 import sys
+import sysconfig
 import tempfile
 from typing import Dict, List, Optional, Tuple
 
@@ -37,7 +39,24 @@ RUNNER = os.path.join(HERE, "cpython_suite_runner.py")
 PYENV = os.path.expanduser("~/.pyenv/versions")
 VENV_CACHE = os.environ.get(
     "WALPATCH_TEST_VENVS", os.path.expanduser("~/.cache/walpatch-test-venvs"))
-VERSIONS = ["3.8", "3.9", "3.10", "3.11", "3.12", "3.13"]
+#: "3.13t": the free-threaded (--disable-gil) 3.13 build, ~/.pyenv/versions/3.13.Zt
+#: (scripts/provision-pythons.sh provisions 3.14, 3.15 and 3.13t).
+VERSIONS = ["3.8", "3.9", "3.10", "3.11", "3.12", "3.13", "3.14", "3.15", "3.13t"]
+
+
+def free_threaded() -> bool:
+    """This interpreter is a free-threaded (--disable-gil) build."""
+    return bool(sysconfig.get_config_var("Py_GIL_DISABLED"))
+
+
+#: this interpreter's label in VERSIONS ("3.13t" for the free-threaded build)
+CURRENT = "%d.%d" % sys.version_info[:2] + ("t" if free_threaded() else "")
+
+
+def version_tuple(version: str) -> Tuple[int, int]:
+    """'3.13t' -> (3, 13)."""
+    major, minor = version.rstrip("t").split(".")
+    return int(major), int(minor)
 
 #: (test id prefix, text that must be in its failure, why): the differences the suite finds,
 #: all inherent to instrumenting sqlite3 from Python (docs/transparency.md, "Limits").
@@ -71,12 +90,24 @@ KNOWN_DIFFERENCES: Dict[str, List[Tuple[str, str, str]]] = {
     # 3.13's deprecation of positional connect() arguments is re-issued by hooks.py on the
     # caller's line, so test_connect_positional_arguments passes with walpatch too.
     "3.13": [_TYPE_IDENTITY],
+    "3.13t": [_TYPE_IDENTITY],
 }
 #: added to the above when the run uses the pure-Python hot path (WALPATCH_DISABLE_EXTENSIONS)
 PURE_PYTHON_DIFFERENCES: Dict[str, List[Tuple[str, str, str]]] = {
     "3.12": _WARNINGS_312,
     "3.13": _WARNINGS_312,
+    "3.13t": _WARNINGS_312,
 }
+# --- 3.14 and 3.15 (pythons branch, issue 13) ------------------------------------------------
+# 3.14 raises ProgrammingError for named placeholders with a sequence (no warning left to
+# misattribute); the date/timestamp adapter warnings remain. 3.15: positional connect()
+# arguments raise the interpreter's own TypeError with walpatch too (hooks.py), so
+# test_connect_positional_arguments passes.
+_WARNINGS_314 = [w for w in _WARNINGS_312 if "named_param" not in w[0]]
+KNOWN_DIFFERENCES["3.14"] = [_TYPE_IDENTITY]
+KNOWN_DIFFERENCES["3.15"] = [_TYPE_IDENTITY]
+PURE_PYTHON_DIFFERENCES["3.14"] = _WARNINGS_314
+PURE_PYTHON_DIFFERENCES["3.15"] = _WARNINGS_314
 
 
 def find_interpreter(version: str) -> Optional[str]:
@@ -85,15 +116,15 @@ def find_interpreter(version: str) -> Optional[str]:
     In a nox matrix cell (WALPATCH_MATRIX=1) the cell's own interpreter is used for its
     version, so that CPython's suite runs against the cell's wrapt.
     """
-    if (os.environ.get("WALPATCH_MATRIX") == "1"
-            and version == "%d.%d" % sys.version_info[:2]):
+    if os.environ.get("WALPATCH_MATRIX") == "1" and version == CURRENT:
         return sys.executable
+    suffix = "t" if version.endswith("t") else ""  # 3.13t: ~/.pyenv/versions/3.13.Zt
     found = []
-    for path in glob.glob(os.path.join(PYENV, version + ".*", "bin", "python")):
+    for path in glob.glob(os.path.join(PYENV, version.rstrip("t") + ".*", "bin", "python")):
         patch = os.path.basename(os.path.dirname(os.path.dirname(path))).split(".")[2]
-        if patch.isdigit():
-            found.append((int(patch), path))
-    if not found and sys.version_info[:2] == tuple(int(x) for x in version.split(".")):
+        if patch.endswith(suffix) and patch[:len(patch) - len(suffix)].isdigit():
+            found.append((int(patch[:len(patch) - len(suffix)]), path))
+    if not found and version == CURRENT:
         return sys.executable
     return max(found)[1] if found else None
 
@@ -192,7 +223,7 @@ def test_cpython_sqlite3_suite_same_with_walpatch(version: str, interpreters: di
                                                            "skipped", "expected_failures")}
     print(f"CPython {version} sqlite3 suite (without, with walpatch): {summary}")
 
-    assert plain["python"].startswith(version + ".")
+    assert plain["python"].startswith(version.rstrip("t") + ".")
     assert not plain["walpatch"] and guarded["walpatch"]
     # walpatch really was active in the guarded run: connect wrapped, connections guarded.
     assert guarded["walpatch_installed"] is True

@@ -8,13 +8,12 @@ nothing) and once with ``walpatch.install()``. The fault is on exactly around
 ``conn.execute("PRAGMA journal_mode=WAL")``. After the child exits, the database is checked
 from outside: header bytes 18/19, rows, integrity.
 
-Interpreters: every scenario on this interpreter; (a) and (d) also on 3.8 and 3.13 through
+Interpreters: every scenario on this interpreter; (a) and (d) also on 3.8 and 3.15 through
 venvs cached in ~/.cache/walpatch-test-venvs (made on first use, ~5 s each, needs PyPI for
-wrapt). ``WALPATCH_ALL_PYTHONS=1`` runs every scenario on 3.8-3.13.
+wrapt). ``WALPATCH_ALL_PYTHONS=1`` runs every scenario on 3.8-3.15 and 3.13t.
 """
 from __future__ import annotations
 
-import glob
 import os
 import sys
 from typing import Any, Dict, List, Optional
@@ -22,6 +21,7 @@ from typing import Any, Dict, List, Optional
 import pytest
 
 from . import faultinject as fi
+from .test_cpython_suite import CURRENT, find_interpreter, skip_missing_interpreter
 
 pytestmark = pytest.mark.fault
 
@@ -35,11 +35,10 @@ RETRY_ENV = {
 }
 ROLLBACK, WAL = [1, 1], [2, 2]
 
-CURRENT = "%d.%d" % sys.version_info[:2]
 # wrapt 2.1 dropped 3.8; 2.2.0 had a descriptor regression (setup.cfg).
 WRAPT = {"3.8": "wrapt>=1.14,<2.1"}
 WRAPT_DEFAULT = "wrapt>=1.14,!=2.2.0"
-ALL_VERSIONS = ["3.8", "3.9", "3.10", "3.11", "3.12", "3.13"]
+ALL_VERSIONS = ["3.8", "3.9", "3.10", "3.11", "3.12", "3.13", "3.14", "3.15", "3.13t"]
 
 
 def _versions(extra: List[str]) -> List[str]:
@@ -51,7 +50,7 @@ def _versions(extra: List[str]) -> List[str]:
 
 
 EVERY = _versions([])  # scenarios (b), (c), (e)
-WIDE = _versions(["3.8", "3.13"])  # scenarios (a), (d)
+WIDE = _versions(["3.8", "3.15"])  # scenarios (a), (d): the oldest and newest
 
 
 @pytest.fixture(scope="session")
@@ -63,12 +62,11 @@ def python_for():
         if label == CURRENT:
             return sys.executable
         if label not in made:
-            bases = sorted(glob.glob(os.path.expanduser(
-                f"~/.pyenv/versions/{label}.*/bin/python")))
-            if not bases:
-                pytest.skip(f"no CPython {label} under ~/.pyenv/versions (needed for the "
-                            f"{label} variant)")
-            made[label] = fi.cached_venv(bases[-1], [WRAPT.get(label, WRAPT_DEFAULT)],
+            # the newest X.Y.Z (X.Y.Zt for "3.13t"), compared numerically
+            base = find_interpreter(label)
+            if base is None:  # a failure with WALPATCH_REQUIRE_ALL_PYTHONS=1
+                skip_missing_interpreter(label, f"the {label} variant")
+            made[label] = fi.cached_venv(base, [WRAPT.get(label, WRAPT_DEFAULT)],
                                          f"py{label}")
         return made[label]
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import sys
 import threading
 import warnings
@@ -42,7 +43,10 @@ _errors: List[str] = []  # patching failures, for is_installed()/status()
 
 # CPython 3.13 deprecates positional arguments after the first; its warning would point at
 # our wrapper, so the wrapper passes them as keywords and warns on the caller's line instead.
-_KEYWORD_AFTER_FIRST = sys.version_info >= (3, 13)
+# 3.15 makes them keyword-only (a TypeError): there they go to the original connect as given,
+# so that the application gets the interpreter's own error, with or without walpatch.
+_KEYWORD_AFTER_FIRST = (3, 13) <= sys.version_info < (3, 15)
+_KEYWORD_ONLY = sys.version_info >= (3, 15)
 _CONNECT_PARAMETERS = ("timeout", "detect_types", "isolation_level", "check_same_thread",
                        "factory", "cached_statements", "uri")
 _POSITIONAL_WARNING = (
@@ -67,16 +71,25 @@ def _make_wrapper(dbapi: ModuleType) -> Any:
     # connects does not pay for it. Holds (guarded_connection_class, events.count,
     # sqliteinfo.watch_connect, lockguard.track) once loaded.
     loaded: List[Tuple[Callable[..., Any], ...]] = []
-    warn_positional = _KEYWORD_AFTER_FIRST and dbapi.__name__ == "sqlite3.dbapi2"
+    stdlib = dbapi.__name__ == "sqlite3.dbapi2"
+    warn_positional = _KEYWORD_AFTER_FIRST and stdlib
+    keyword_only = _KEYWORD_ONLY and stdlib
 
     def connect_wrapper(
         wrapped: Any, instance: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any]
     ) -> Any:
+        if keyword_only and len(args) > 1:
+            return wrapped(*args, **kwargs)  # raises the interpreter's own TypeError
         # (Not when the factory itself is positional: sqlite3 then passes the arguments on
         # positionally and the factory's __init__ warns too; keywords would lose that.)
         if (warn_positional and 1 < len(args) <= FACTORY_POSITION
                 and not set(kwargs) & set(_CONNECT_PARAMETERS[:len(args) - 1])):
-            warnings.warn(_POSITIONAL_WARNING, DeprecationWarning, stacklevel=2)
+            # On the caller's line: past our frame and wrapt's (pure-Python wrapt, as on
+            # free-threaded builds where wrapt 2.5 installs without its C extension, adds one).
+            wrapt_dir = os.path.dirname(getattr(sys.modules.get("wrapt"), "__file__", "") or "")
+            skip: Dict[str, Any] = {  # a 3.12+ argument; this branch runs on 3.13/3.14 only
+                "skip_file_prefixes": (wrapt_dir + os.sep,) if wrapt_dir else ()}
+            warnings.warn(_POSITIONAL_WARNING, DeprecationWarning, stacklevel=2, **skip)
             kwargs.update(zip(_CONNECT_PARAMETERS, args[1:]))
             args = args[:1]
         # walpatch's own failures (a broken install, the descriptor limit while the guard
