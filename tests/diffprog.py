@@ -53,7 +53,7 @@ KNOWN_OPEN_ITEMS: Dict[str, str] = {
                             "walpatch record 'WAL failed' and refuse the next downgrade)",
 }
 #: Features left out of the CI generator. The lead empties this after merging the fixes.
-KNOWN_OPEN: FrozenSet[str] = frozenset(KNOWN_OPEN_ITEMS)
+KNOWN_OPEN: FrozenSet[str] = frozenset()  # emptied after the issue-10 fixes were merged
 
 
 def known_open_from_env() -> FrozenSet[str]:
@@ -623,6 +623,11 @@ def _refusal(outcome: Dict[str, Any]) -> Optional[Dict[str, Any]]:
     return exc.get("refusal") if exc else None
 
 
+#: Reasons of the documented fail-closed refusals of mixed scripts (guard._check_script).
+_SCRIPT_FAIL_CLOSED = ("a script's downgrades are checked before it runs",
+                       "cannot be known before it runs")
+
+
 def allowed_difference(prog: Dict[str, Any], i: int, plain: Dict[str, Any],
                        wp: Dict[str, Any], wp_before: Dict[str, Any],
                        wp_history: List[Dict[str, Any]]) -> Optional[str]:
@@ -652,6 +657,13 @@ def allowed_difference(prog: Dict[str, Any], i: int, plain: Dict[str, Any],
     5. ``refused-wal-on-disk-after-wal-in-script``: a script of journal-mode pragmas with a
        WAL request before a downgrade runs statement by statement (README "Limits"); the
        downgrade is refused because the file is WAL on disk by then, and the file ends 2/2.
+    6. ``refused-script-fail-closed``: a mixed script refused before any of it ran, for one of
+       the documented fail-closed reasons (docs/transparency.md "Scripts": a downgrade after a
+       WAL request on the same file in the same script, or after an ATTACH whose file cannot
+       be known); nothing changed in the walpatch run. Same conditions on the plain outcome.
+    7. ``contention-retried``: a WAL request on which plain sqlite3 failed with contention
+       (SQLITE_BUSY/SQLITE_LOCKED) answered ``wal`` with walpatch: the decision table retries
+       contention, and the retry succeeded.
     Never allowed: observe mode (nothing may differ) and steps inside ``allow_downgrade()``.
     """
     if prog.get("mode") == "observe" or prog["steps"][i].get("allow_downgrade"):
@@ -674,6 +686,9 @@ def allowed_difference(prog: Dict[str, Any], i: int, plain: Dict[str, Any],
                 pexc["type"] in ("sqlite3.OperationalError", "sqlite3.DatabaseError")
                 or pexc["message"] == "Cannot operate on a closed cursor."):
             return None  # sqlite3 rejects the call itself: its error comes first
+        if step.get("kind") == "script" and any(
+                why in (ref.get("reason") or "") for why in _SCRIPT_FAIL_CLOSED):
+            return "refused-script-fail-closed"
         if _is_wal(before):
             return "refused-wal-on-disk"
         if ref.get("original_error") and any("exc" in h for h in wp_history):
@@ -681,6 +696,11 @@ def allowed_difference(prog: Dict[str, Any], i: int, plain: Dict[str, Any],
         if before == "notdb":
             return "refused-unknown-on-disk"
         return None
+    pexc = plain.get("exc")
+    if (step.get("journal") == "wal" and pexc is not None and wp.get("exc") is None
+            and pexc.get("errorname") in ("SQLITE_BUSY", "SQLITE_LOCKED")
+            and '"wal"' in json.dumps((wp.get("ok") or {}).get("rows"))):
+        return "contention-retried"
     if step.get("kind") == "fault":
         # the WAL request met a real fault: plain may fail and fall back to DELETE, walpatch
         # may retry to success, or fail the same way and refuse the fallback. Either way
