@@ -363,3 +363,38 @@ def test_long_text_is_cached_by_size_only_where_scanning_cost_something() -> Non
 ])
 def test_sites(sql: str, site: bool) -> None:
     assert (sqlscan.last_site(sql) >= 0) is site
+
+
+_CALLABLE_TEXT_FACTORY_SCRIPT = r"""
+import json, sqlite3, sys
+if sys.argv[2] == "walpatch":
+    import walpatch
+    assert walpatch.install()
+c = sqlite3.connect(sys.argv[1])
+c.text_factory = lambda b: b.decode("utf-8", "replace").upper()   # any callable
+try:
+    c.executescript("CREATE TABLE IF NOT EXISTS t(x); PRAGMA journal_mode='delete';")
+    print(json.dumps({"error": None}))
+except sqlite3.Error as e:
+    print(json.dumps({"error": type(e).__name__, "message": str(e)}))
+"""
+
+
+@pytest.mark.parametrize("variant", ["plain", "walpatch"])
+def test_mixed_script_downgrade_under_a_callable_text_factory(tmp_path: Path, variant: str):
+    """Found by the differential harness after the merges: under a text_factory that upper-
+    cases text, the script check read the database list through it, saw a file name that
+    does not exist and let the downgrade through (2/2 -> 1/1). Control: plain downgrades."""
+    db = tmp_path / "w.db"
+    make_db(db, "wal")
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env.pop("WALPATCH", None)
+    proc = subprocess.run([sys.executable, "-c", _CALLABLE_TEXT_FACTORY_SCRIPT, str(db), variant],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    if variant == "plain":
+        assert out == {"error": None} and header(db) == (1, 1)
+    else:
+        assert out["error"] == "WalDowngradeRefused" and str(db) in out["message"], out
+        assert header(db) == (2, 2)

@@ -448,7 +448,7 @@ def _check_script(
     request of the same script may have switched. Returns the WAL requests' targets."""
     try:
         rows: Optional[List[Tuple[str, str]]] = [
-            (r[1], r[2]) for r in _query(kit, conn, "PRAGMA database_list")]
+            (name, path) for name, path in _database_list(kit, conn)]
         listing_error = ""
     except kit.programming_error:
         raise _PassThrough from None
@@ -518,7 +518,7 @@ def _observe_after_script(
     if not wal_targets:
         return []
     try:
-        now = {ascii_lower(r[1]): r[2] for r in _query(kit, conn, "PRAGMA database_list")}
+        now = {ascii_lower(name): path for name, path in _database_list(kit, conn)}
     except kit.error:
         now = {}
     out = []
