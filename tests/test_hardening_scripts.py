@@ -398,3 +398,36 @@ def test_mixed_script_downgrade_under_a_callable_text_factory(tmp_path: Path, va
     else:
         assert out["error"] == "WalDowngradeRefused" and str(db) in out["message"], out
         assert header(db) == (2, 2)
+
+
+_EXECUTEMANY_BAD_SETS = r"""
+import json, sqlite3, sys
+if sys.argv[2] == "walpatch":
+    import walpatch
+    assert walpatch.install()
+c = sqlite3.connect(sys.argv[1])
+try:
+    c.executemany("PRAGMA journal_mode='delete'", (1,))   # a set that is not a sequence
+    print(json.dumps({"error": None}))
+except sqlite3.Error as e:
+    print(json.dumps({"error": type(e).__name__, "message": str(e)}))
+"""
+
+
+def test_executemany_with_a_bad_parameter_set_raises_sqlite3s_error(tmp_path: Path) -> None:
+    """executemany(pragma, (1,)): sqlite3 rejects the parameter set before running anything
+    ("parameters are of unsupported type"); walpatch lets it (found by the differential
+    harness). The first set of a list/tuple is probed; the file stays 2/2 either way."""
+    got = {}
+    for variant in ("plain", "walpatch"):
+        db = tmp_path / f"{variant}.db"
+        make_db(db, "wal")
+        env = dict(os.environ, PYTHONPATH=str(ROOT))
+        env.pop("WALPATCH", None)
+        proc = subprocess.run([sys.executable, "-c", _EXECUTEMANY_BAD_SETS, str(db), variant],
+                              capture_output=True, text=True, env=env, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        got[variant] = (json.loads(proc.stdout.strip().splitlines()[-1]), header(db))
+    assert got["plain"][0]["error"] == "ProgrammingError", got
+    assert got["walpatch"] == got["plain"], got
+    assert got["walpatch"][1] == (2, 2)

@@ -293,6 +293,8 @@ def _run_observed(kit: Kit, conn: Any, request: Request, call: Call, config: Con
         targets = _targets(kit, conn, request.schema, config)
         if targets and not request.is_wal:
             _check_downgrade(kit, request, targets, config)  # logs "would refuse"
+        elif targets:  # the WAL-reset warning, and "would avoid" (never avoids in observe)
+            sqliteinfo.before_wal_request(kit, request, targets, call, config)
     except Exception as exc:  # noqa: BLE001 - observe mode: walpatch's own errors are logged
         targets = []
         events.emit("observe-check-failed", logging.WARNING,
@@ -1060,8 +1062,9 @@ def sqlite3_rejects(
     """
     if runtime.config is None:
         return False
+    first_set = many and bool(args) and type(args[0]) in (tuple, list) and bool(args[0])
     if single.clean:
-        if many or not args:
+        if (many and not first_set) or not args:
             return False
         if len(args) == 1 and type(args[0]) in (tuple, list, dict) and not args[0]:
             return False
@@ -1074,15 +1077,16 @@ def sqlite3_rejects(
         return False
     try:
         if many:
-            # No parameter set (the caller's iterator may be one-shot): only the checks made
-            # when the statement is prepared. Not the "executemany() can only execute DML
-            # statements" of 3.8-3.10: it comes *after* the statement ran (a downgrade is
-            # done by then), so it must be guarded like any other request.
-            cur.executemany(probe, [])
+            # Only the first parameter set, and only from a list or tuple (the caller's
+            # iterator may be one-shot); else only the checks made when the statement is
+            # prepared. Not the "executemany() can only execute DML statements" of 3.8-3.10:
+            # it comes *after* the statement ran (a downgrade is done by then), so it must be
+            # guarded like any other request (below).
+            cur.executemany(probe, args[0][:1] if first_set else [])
         else:
             cur.execute(probe, *args)
-    except kit.usage_errors:
-        return True
+    except kit.usage_errors as exc:
+        return "can only execute DML" not in str(exc)
     except kit.error:
         return False  # an error of SQLite's (locked, unknown database...): guard as usual
     except Exception:  # noqa: BLE001 - Warning, ValueError, TypeError: raised before running
