@@ -81,3 +81,17 @@ def test_typo_in_environment_warns_once_and_keeps_protecting(tmp_path):
     assert len(warnings) == 2, proc.stderr
     assert any("WALPATCH_RETRY_ATTEMPTS='lots'" in w for w in warnings)
     assert any("WALPATCH_LOG_LEVEL='verbose'" in w for w in warnings)
+
+
+def test_a_misspelled_variable_name_is_warned_about_once_and_protection_stays() -> None:
+    """WALPATCH_ON_REFUSL=keep used to be ignored in silence (found by a README trial). Now one
+    warning names the variable that would be right; the setting keeps its default. Control:
+    the right name gives no warning; test switches (WALPATCH_REQUIRE_FAULTS) give none."""
+    config, warnings = build_config({}, {"WALPATCH_ON_REFUSL": "keep",
+                                         "WALPATCH_REQUIRE_FAULTS": "1"})
+    assert warnings == ["walpatch: ignoring WALPATCH_ON_REFUSL: not a walpatch setting; did you "
+                        "mean WALPATCH_ON_REFUSAL? (protection stays on with that setting's "
+                        "default)"]
+    assert config.on_refusal == "raise" and config.mode == "enforce"
+    config, warnings = build_config({}, {"WALPATCH_ON_REFUSAL": "keep"})
+    assert warnings == [] and config.on_refusal == "keep"

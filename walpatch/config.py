@@ -258,6 +258,28 @@ SETTINGS: Dict[str, Tuple[str, Callable[[Any], Any]]] = {
 }
 
 
+#: WALPATCH_* variables that are not settings but are read elsewhere (walpatch/speedups.py).
+_OTHER_VARIABLES = frozenset({"WALPATCH_DISABLE_EXTENSIONS"})
+
+
+def _misspelled_variables(env: Mapping[str, str]) -> List[str]:
+    """A WALPATCH_* variable whose name is close to a setting's but is none: most likely a
+    typo (WALPATCH_ON_REFUSL), which would otherwise be ignored in silence. One warning each,
+    naming the variable that would be right; other WALPATCH_* names (test switches) pass."""
+    import difflib
+
+    known = [var for var, _ in SETTINGS.values()]
+    out = []
+    for var in env:
+        if not var.startswith("WALPATCH_") or var in known or var in _OTHER_VARIABLES:
+            continue
+        close = difflib.get_close_matches(var, known, n=1, cutoff=0.85)
+        if close:
+            out.append(f"walpatch: ignoring {var}: not a walpatch setting; did you mean "
+                       f"{close[0]}? (protection stays on with that setting's default)")
+    return out
+
+
 def build_config(
     settings: Mapping[str, Any], environ: Optional[Mapping[str, str]] = None
 ) -> Tuple[Config, List[str]]:
@@ -286,6 +308,8 @@ def build_config(
                 f"walpatch: ignoring {var}={raw!r}: expected {exc}; "
                 f"using the default ({_DEFAULTS[name]!r}), protection stays on"
             )
+
+    warnings.extend(_misspelled_variables(env))
 
     for name, raw in settings.items():
         if name not in SETTINGS:
