@@ -693,7 +693,9 @@ def allowed_difference(prog: Dict[str, Any], i: int, plain: Dict[str, Any],
             return "refused-wal-on-disk"
         if ref.get("original_error") and any("exc" in h for h in wp_history):
             return "refused-after-failed-wal"
-        if before == "notdb":
+        if before == "notdb" or (ref.get("database") == "?" and pexc is not None
+                                 and pexc.get("errorname") == "SQLITE_NOTADB"):
+            # (the database list itself could not be read: the file is not a database)
             return "refused-unknown-on-disk"
         return None
     pexc = plain.get("exc")

@@ -55,14 +55,14 @@ if WALPATCH:
     elif SABOTAGE == "text-factory":
         from walpatch import guard as _guard
 
-        _orig_query = _guard._query
+        _orig_fetch = _guard._fetch  # every query of the guard's goes through _fetch
 
-        def _leaky_query(kit: Any, conn: Any, sql: str) -> Any:
-            rows = _orig_query(kit, conn, sql)
+        def _leaky_fetch(kit: Any, conn: Any, sql: str) -> Any:
+            rows = _orig_fetch(kit, conn, sql)
             conn.text_factory = str  # forgets to put the caller's factory back
             return rows
 
-        _guard._query = _leaky_query  # type: ignore[assignment]
+        _guard._fetch = _leaky_fetch  # type: ignore[assignment]
     elif SABOTAGE:
         raise SystemExit(f"unknown sabotage {SABOTAGE!r}")
 
