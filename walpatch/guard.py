@@ -290,6 +290,12 @@ def _run_observed(kit: Kit, conn: Any, request: Request, call: Call, config: Con
     consumed its cursor, so there is no moment to look at it without changing the outcome.
     """
     try:
+        if not _plain_text_factory(conn):
+            # The exact database list would be read as blobs, which loads the schema: I/O the
+            # caller's statement would otherwise do itself (a fault could then land on
+            # walpatch's read instead of the caller's), so observe mode does not look.
+            raise _Opaque("the connection's text_factory is neither str, bytes nor bytearray, "
+                          "and reading the database list exactly would load the schema")
         targets = _targets(kit, conn, request.schema, config)
         if targets and not request.is_wal:
             _check_downgrade(kit, request, targets, config)  # logs "would refuse"
