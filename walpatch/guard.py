@@ -520,16 +520,31 @@ class _PassThrough(Exception):
 def _observe_after_script(
     kit: Kit, conn: Any, wal_targets: List[Tuple[Request, List[Target]]],
 ) -> List[Tuple[Request, List["_Observation"]]]:
-    """After the script: is each file a WAL request reached in WAL now? Read from the header
-    on disk alone: asking the connection would be a read of walpatch's own after the caller's
-    statement (it opens the WAL and keeps its lock: issue 10 item 16), and the header is the
-    truth anyway (after a failed fsync the connection believes in WAL while the file is not)."""
+    """After the script: is each file a WAL request reached in WAL now? A header that says
+    WAL settles it without asking the connection (a read of walpatch's own after the caller's
+    statement opens the WAL and keeps its lock: issue 10 item 16). Otherwise (an empty new
+    database, a header not yet WAL) the connection is asked where the schema still names that
+    file, and the header alone decides where the script detached it."""
+    if not wal_targets:
+        return []
+    now: Optional[dict] = None
     out = []
     for request, targets in wal_targets:
         observations = []
         for t in targets:
             disk = ondisk.read_disk_state(t.path)
-            mode = "wal" if disk.mode == ondisk.WAL else disk.mode
+            if disk.mode == ondisk.WAL:
+                observations.append(_Observation(t, "wal", disk))
+                continue
+            if now is None:
+                try:
+                    now = {ascii_lower(name): path for name, path in _database_list(kit, conn)}
+                except kit.error:
+                    now = {}
+            if now.get(ascii_lower(t.schema)) == t.path:
+                mode = _current_mode(kit, conn, t.schema)
+            else:
+                mode = disk.mode
             observations.append(_Observation(t, mode, disk))
         out.append((request, observations))
     return out
