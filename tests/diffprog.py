@@ -20,6 +20,7 @@ import itertools
 import json
 import os
 import queue
+import re
 import shutil
 import subprocess
 import sys
@@ -28,6 +29,7 @@ import threading
 import urllib.parse
 from typing import Any, Dict, FrozenSet, List, NamedTuple, Optional, Tuple
 
+from hypothesis import assume
 from hypothesis import strategies as st
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -52,12 +54,16 @@ KNOWN_OPEN_ITEMS: Dict[str, str] = {
                              "under a text_factory that is any other callable the guard reads "
                              "the database list as blobs, which loads the schema, so lock and "
                              "-wal/-shm state differ from the caller's statement alone",
+    "attach_own_file": "open (found after the merges, not fixed): a connection that has the "
+                       "same file attached twice (ATTACH of its own main file) can end with a "
+                       "-journal file left behind and different contention outcomes with "
+                       "walpatch (its retries); see the closing note of this session",
     "script_wal_then_down": "no issue-10 item, harness finding F5 (a mixed script's WAL "
                             "request is verified after the script: a later DELETE in it makes "
                             "walpatch record 'WAL failed' and refuse the next downgrade)",
 }
 #: Features left out of the CI generator. The lead empties this after merging the fixes.
-KNOWN_OPEN: FrozenSet[str] = frozenset({"text_factory_callable"})  # issue-10 fixes merged
+KNOWN_OPEN: FrozenSet[str] = frozenset({"text_factory_callable", "attach_own_file"})
 
 
 def known_open_from_env() -> FrozenSet[str]:
@@ -371,6 +377,13 @@ def programs(draw: Any, off: FrozenSet[str] = KNOWN_OPEN) -> Dict[str, Any]:
         # item 16 shows with two connections once downgrades are let through
         mode = "enforce"
         steps = [s._replace(allow_downgrade=False) for s in steps]
+    if "attach_own_file" in off:
+        # a connection attaching a file that a connection of the program has open as main
+        opened = "".join(s.code for s in steps if s.kind == "connect")
+        attached_files = [a.replace("''", "'") for a in re.findall(
+            r"ATTACH '((?:[^']|'')*)'", "".join(s.code for s in steps))]
+        assume(not any(a and (repr(a) in opened or urllib.parse.quote(a) in opened)
+                       for a in attached_files))
     return {
         "mode": mode,
         "prelude": PRELUDE,

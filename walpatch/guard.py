@@ -457,6 +457,8 @@ def _check_script(
     try:
         rows: Optional[List[Tuple[str, str]]] = [
             (name, path) for name, path in _database_list(kit, conn)]
+        if rows and rows[0][1] and _file_never_changes(conn, rows[0][1]):
+            rows[0] = (rows[0][0], "")  # vfs=memdb / immutable=1: main changes no file
         listing_error = ""
     except kit.programming_error:
         raise _PassThrough from None
