@@ -78,6 +78,9 @@ CORE_LEAVES_OUT = ["tests/test_stress.py", "tests/test_bench_smoke.py", "tests/t
                    # load, run once per CI run by the full suite on 3.11
                    "tests/test_differential.py",
                    "tests/test_hardening_guard.py::test_item14_per_file_state_is_bounded_over_many_files"]
+#: This cell runs with WALPATCH_DISABLE_EXTENSIONS=1: the pure-Python hot path (identical
+#: behaviour to walpatch/_speedups.c, which every other cell and the full suite use).
+PURE_PYTHON_CELL = ("3.12", "2")
 #: The cells .ci/run selects (`nox -s ...`), to stay within CI's time on a fresh machine:
 #: every interpreter with the newest wrapt 2.x but 3.11 (.ci/run's full suite runs there with
 #: it), wrapt 1.17 on the oldest and the newest interpreter (3.8, 3.15), and the free-threaded
@@ -198,6 +201,10 @@ def _cell(session: nox.Session, wrapt: str, pip_args: Sequence[str] = ()) -> Non
         "WALPATCH_REQUIRE_ALL_PYTHONS": "1",
         "PYTHONDONTWRITEBYTECODE": "1",
     }
+    if (str(session.python), wrapt) == PURE_PYTHON_CELL:
+        # issue 14: the whole (cell) suite once on the pure-Python hot path as well
+        env["WALPATCH_DISABLE_EXTENSIONS"] = "1"
+        session.log("WALPATCH_DISABLE_EXTENSIONS=1: this cell runs the pure-Python hot path")
     args = list(session.posargs or ["-q", "-p", "no:cacheprovider"])
     if gap:
         session.warn(f"NOT COVERED in this cell: {gap[0]}: {gap[1]}")
