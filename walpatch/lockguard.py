@@ -174,10 +174,16 @@ def track(conn: Any, database: Any) -> None:
             if found is None:
                 return
             path = found
+        try:
+            conn_ref = ref(conn)
+        except TypeError:
+            # A factory's instance re-classed by hooks.py whose class has __slots__ without
+            # __weakref__: not tracked, so the lock guard does not cover it (README Limits).
+            return
         key = id(conn)
         if key in _live or len(_live) >= _sweep_at:
             _sweep()  # connections dropped without close() (an id is reused only after)
-        _live[key] = (ref(conn), path)
+        _live[key] = (conn_ref, path)
         _pending = True
         if _table:
             with _lock:
