@@ -631,8 +631,12 @@ def test_coverage_measures_a_program_with_walpatch_active(tmp_path):
     ours = [e for e in lines if e.get("file", "").startswith(str(data))]
     app = [e for e in lines if e.get("file") == str(db)]
     assert ours, f"walpatch saw no journal-mode request on coverage's data file: {lines}"
-    assert {e["event"] for e in ours} == {"downgrade-passed"}, ours
-    assert {e["request"] for e in ours} == {"off"}, ours
+    # coverage (7.6 on 3.8) also reads and writes its own data file with open() while its
+    # connection is open: the lock guard (issue 12) keeps that close from dropping the locks
+    # and says so; those events carry no journal-mode request
+    requests = [e for e in ours if e["event"] != "lock-guard"]
+    assert {e["event"] for e in requests} == {"downgrade-passed"}, ours
+    assert {e["request"] for e in requests} == {"off"}, ours
     assert [e["event"] for e in app] == ["downgrade-refused"] * 3, app
     # coverage's data file is a rollback-journal file (it never was WAL)
     assert header(data) == ROLLBACK

@@ -409,7 +409,7 @@ c = sqlite3.connect(sys.argv[1])
 try:
     c.executemany("PRAGMA journal_mode='delete'", (1,))   # a set that is not a sequence
     print(json.dumps({"error": None}))
-except sqlite3.Error as e:
+except Exception as e:  # ProgrammingError on 3.11+, ValueError before
     print(json.dumps({"error": type(e).__name__, "message": str(e)}))
 """
 
@@ -428,6 +428,6 @@ def test_executemany_with_a_bad_parameter_set_raises_sqlite3s_error(tmp_path: Pa
                               capture_output=True, text=True, env=env, timeout=120)
         assert proc.returncode == 0, proc.stderr
         got[variant] = (json.loads(proc.stdout.strip().splitlines()[-1]), header(db))
-    assert got["plain"][0]["error"] == "ProgrammingError", got
+    assert got["plain"][0]["error"] in ("ProgrammingError", "ValueError"), got
     assert got["walpatch"] == got["plain"], got
     assert got["walpatch"][1] == (2, 2)

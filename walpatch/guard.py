@@ -859,6 +859,11 @@ def _guard_wal(
         _check_shared_memory(kit, conn, request,
                              [o.target for o in observations if o.is_wal], config)
         _record_wal_result(conn, observations, attempts)
+        # A failed attempt's error holds a traceback through this frame, whose locals hold it
+        # back: a cycle that keeps the caller's cursor (and its statement) alive until the
+        # garbage collector runs. On 3.8-3.10 an unfinished statement makes the app's next
+        # COMMIT fail with "SQL statements in progress": break the cycle now.
+        last_error = None
         # Hand the caller a fresh result: asking for the mode the connection is now in is a
         # no-op for SQLite.
         return call()
