@@ -365,6 +365,18 @@ def test_sites(sql: str, site: bool) -> None:
     assert (sqlscan.last_site(sql) >= 0) is site
 
 
+def _run_on_a_wal_file(code: str, db: Path, variant: str) -> Dict[str, Any]:
+    """Make ``db`` a WAL file, run ``code DB VARIANT`` (plain or walpatch) in a fresh
+    interpreter, return its last JSON line."""
+    make_db(db, "wal")
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env.pop("WALPATCH", None)
+    proc = subprocess.run([sys.executable, "-c", code, str(db), variant],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 _CALLABLE_TEXT_FACTORY_SCRIPT = r"""
 import json, sqlite3, sys
 if sys.argv[2] == "walpatch":
@@ -386,13 +398,7 @@ def test_mixed_script_downgrade_under_a_callable_text_factory(tmp_path: Path, va
     cases text, the script check read the database list through it, saw a file name that
     does not exist and let the downgrade through (2/2 -> 1/1). Control: plain downgrades."""
     db = tmp_path / "w.db"
-    make_db(db, "wal")
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    env.pop("WALPATCH", None)
-    proc = subprocess.run([sys.executable, "-c", _CALLABLE_TEXT_FACTORY_SCRIPT, str(db), variant],
-                          capture_output=True, text=True, env=env, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    out = _run_on_a_wal_file(_CALLABLE_TEXT_FACTORY_SCRIPT, db, variant)
     if variant == "plain":
         assert out == {"error": None} and header(db) == (1, 1)
     else:
@@ -421,13 +427,7 @@ def test_executemany_with_a_bad_parameter_set_raises_sqlite3s_error(tmp_path: Pa
     got = {}
     for variant in ("plain", "walpatch"):
         db = tmp_path / f"{variant}.db"
-        make_db(db, "wal")
-        env = dict(os.environ, PYTHONPATH=str(ROOT))
-        env.pop("WALPATCH", None)
-        proc = subprocess.run([sys.executable, "-c", _EXECUTEMANY_BAD_SETS, str(db), variant],
-                              capture_output=True, text=True, env=env, timeout=120)
-        assert proc.returncode == 0, proc.stderr
-        got[variant] = (json.loads(proc.stdout.strip().splitlines()[-1]), header(db))
+        got[variant] = (_run_on_a_wal_file(_EXECUTEMANY_BAD_SETS, db, variant), header(db))
     assert got["plain"][0]["error"] in ("ProgrammingError", "ValueError"), got
     assert got["walpatch"] == got["plain"], got
     assert got["walpatch"][1] == (2, 2)
