@@ -934,6 +934,19 @@ def _like(function: Any, original: Any) -> Any:
     return function
 
 
+def _patch_pathlib_accessor(current: Any, new: Any) -> None:
+    """Python 3.10's pathlib took ``io.open`` into ``_NormalAccessor.open`` at import, so
+    Path.open/read_bytes/read_text never look up the wrapped one: swap it there too (only
+    when it is ``current``; other versions have no such attribute or look io.open up)."""
+    pathlib = sys.modules.get("pathlib")
+    accessor: Any = getattr(pathlib, "_NormalAccessor", None) if pathlib else None
+    if accessor is None:
+        return
+    held = accessor.__dict__.get("open")
+    if getattr(held, "__func__", held) is current:
+        accessor.open = staticmethod(new)
+
+
 def arm() -> None:
     """Install the wrappers (at the first tracked connection), or apply a new mode."""
     global _armed, _mode, _fork_handler
@@ -947,6 +960,7 @@ def arm() -> None:
             builtins.open = io.open = _OPEN  # type: ignore[assignment]
             os.open = _OS_OPEN  # type: ignore[assignment]
             os.close = _OS_CLOSE  # type: ignore[assignment]
+            _patch_pathlib_accessor(_open, _OPEN)
             _armed = True
         if not _fork_handler and hasattr(os, "register_at_fork"):
             os.register_at_fork(after_in_child=_after_fork_in_child)
@@ -966,6 +980,7 @@ def disarm() -> None:
             os.open = _os_open
         if os.close is _OS_CLOSE:
             os.close = _os_close
+        _patch_pathlib_accessor(_OPEN, _open)
         _armed = False
 
 
