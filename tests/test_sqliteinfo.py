@@ -168,6 +168,15 @@ def test_status_of_the_drop_ins(dropin_python: Path) -> None:  # noqa: F811
     extension module): status names that file, and their versions' verdicts."""
     entries = _by_module(_status_json(dropin_python, pythonpath=None))
     assert set(entries) == {"sqlite3", "pysqlite3", "sqlean"}
+    if sys.version_info >= (3, 15):
+        # No pysqlite3-binary wheel for 3.15: pysqlite3 is built from its sdist and links
+        # the interpreter's own libsqlite3 (tests/test_dropins.py), so it is not bundled.
+        e = entries["pysqlite3"]
+        assert e["version"] == sqlite3.sqlite_version and e["error"] is None, e
+        assert e["wal_reset_bug"] == sqliteinfo.wal_reset_bug(e["version"])
+        assert (entries["sqlean"]["version"], entries["sqlean"]["wal_reset_bug"]) == \
+            ("3.50.4", "affected")
+        return
     for name in ("pysqlite3", "sqlean"):
         e = entries[name]
         assert e["error"] is None
@@ -362,6 +371,8 @@ def test_warning_is_per_module(dropin_python: Path, tmp_path: Path) -> None:  # 
     warned = [json.loads(line) for line in evfile.read_text().splitlines()]
     warned = [e for e in warned if e["event"] == "sqlite-wal-reset-bug"]
     expected = {"sqlean", "pysqlite3"}
+    if sys.version_info >= (3, 15):  # pysqlite3 built from its sdist: the interpreter's SQLite
+        expected = {"sqlean"} | ({"pysqlite3"} if THIS_SQLITE_AFFECTED else set())
     if THIS_SQLITE_AFFECTED:
         expected.add("sqlite3")
     assert sorted(e["module"] for e in warned) == sorted(expected)
