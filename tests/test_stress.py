@@ -124,9 +124,15 @@ def test_fault_run_one_process_is_exactly_reproducible(libfiu, tmp_path):
 
 @pytest.mark.fault
 def test_no_wal_vfs_all_processes_stay_in_rollback_mode(libfiu, tmp_path):
+    """Faults on open() and fdatasync() only. pwrite/pread faults are left out on purpose:
+    through unix-dotfile they corrupt the file with or without walpatch. A rollback that
+    itself fails leaves a hot journal, and unix-dotfile never finds a journal hot
+    (stress/verify.py), so the next writer builds on torn pages. Measured with pwrite, pread,
+    fdatasync and open at 0.02: "wrong # of entries in index" in 2 of 14 seeds *without*
+    walpatch (seeds 8 and 13) and 2 of 14 with it; the CI run of 2026-12-03 met it once."""
     code, rows, text = run_stress(
         tmp_path, "--scenario", "no-wal", "--processes", "3", "--duration", "6",
-        "--fault-rate", "0.02", "--seed", "3", "--walpatch")
+        "--fault-rate", "0.05", "--points", "open,fdatasync", "--seed", "3", "--walpatch")
     assert code == 0 and len(rows) == 1, text
     r = rows[0]
     assert r["vfs"] == "unix-dotfile" and r["faults"] > 0, brief(r)
