@@ -77,7 +77,10 @@ CORE_LEAVES_OUT = ["tests/test_stress.py", "tests/test_bench_smoke.py", "tests/t
                    # the differential harness and the 6,000-file state test: generators and
                    # load, run once per CI run by the full suite on 3.11
                    "tests/test_differential.py",
-                   "tests/test_hardening_guard.py::test_item14_per_file_state_is_bounded_over_many_files"]
+                   "tests/test_hardening_guard.py::test_item14_per_file_state_is_bounded_over_many_files",
+                   # runs 3.8, 3.13, 3.15 and 3.13t from the full suite on 3.11 already; a
+                   # cell runs the whole activation file natively instead (16 s per cell)
+                   "tests/test_activation.py::test_other_interpreters"]
 #: This cell runs with WALPATCH_DISABLE_EXTENSIONS=1: the pure-Python hot path (identical
 #: behaviour to walpatch/_speedups.c, which every other cell and the full suite use).
 PURE_PYTHON_CELL = ("3.12", "2")
@@ -85,8 +88,16 @@ PURE_PYTHON_CELL = ("3.12", "2")
 #: one cell per interpreter: the newest wrapt 2.x on each but 3.11, where .ci/run's full suite
 #: runs with it and the cell takes wrapt 1.17 instead, and the free-threaded cell: 9 cells.
 #: `nox` alone runs all 17 (the full matrix, docs/compatibility.md).
-CI_CELLS = ([f"tests-3.{minor}(wrapt='2')" for minor in (8, 9, 10, 12, 13, 14, 15)]
-            + ["tests-3.11(wrapt='1.17')", "tests_free_threaded"])
+#: .ci/run runs them in two lanes at once: a cell is CPU-bound (about 6 min alone, user+sys
+#: close to wall time) and the machine has 2 cores. The free-threaded cell is the slowest, so
+#: its lane has one cell fewer.
+CI_LANES = [
+    ["tests_free_threaded", "tests-3.8(wrapt='2')", "tests-3.12(wrapt='2')",
+     "tests-3.14(wrapt='2')"],
+    ["tests-3.9(wrapt='2')", "tests-3.10(wrapt='2')", "tests-3.11(wrapt='1.17')",
+     "tests-3.13(wrapt='2')", "tests-3.15(wrapt='2')"],
+]
+CI_CELLS = [cell for lane in CI_LANES for cell in lane]
 
 nox.options.sessions = ["tests", "tests_free_threaded"]
 nox.options.reuse_existing_virtualenvs = False
