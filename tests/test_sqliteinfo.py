@@ -317,6 +317,59 @@ def test_accept_silences_the_warning(tmp_path: Path) -> None:
     assert header(db) == (2, 2)
 
 
+@needs_affected
+def test_warning_under_avoid_does_not_suggest_avoid(tmp_path: Path) -> None:
+    """Under avoid the fresh files stay out of WAL; the one warning (for the file already WAL)
+    names the fix and accept, and does not tell the operator to set what is already set.
+    Control: the same program under warn does suggest avoid."""
+    db = tmp_path / "app.db"
+    make_db(db, "wal")
+    proc = run_py(EVENT_SCRIPT, str(db), str(tmp_path / "ev.jsonl"), "avoid")
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout.splitlines()[-1])
+    assert out["modes"] == ["wal", "delete", "wal"]  # avoid: the fresh .second stays out
+    assert len(out["warnings"]) == 1
+    message = out["warnings"][0]["message"]
+    assert "WALPATCH_WAL_RESET_BUG=accept" in message and "fixed in 3.51.3" in message
+    assert "WALPATCH_WAL_RESET_BUG=avoid" not in message
+    control = run_py(EVENT_SCRIPT, str(tmp_path / "c.db"), str(tmp_path / "c.jsonl"), "warn")
+    assert control.returncode == 0, control.stderr
+    warned = json.loads(control.stdout.splitlines()[-1])["warnings"]
+    assert "WALPATCH_WAL_RESET_BUG=avoid" in warned[0]["message"]
+
+
+STATUS_API = r'''
+import json, sys
+import walpatch
+before = walpatch.status()["sqlite"]
+walpatch.install()
+import sqlite3
+after = walpatch.status()["sqlite"]
+print(json.dumps({"before": before, "after": after,
+                  "dropins_imported": sorted(m for m in ("pysqlite3", "sqlean")
+                                             if m in sys.modules)}))
+'''
+
+
+def test_status_api_lists_the_sqlite_of_imported_modules_only(tmp_path: Path) -> None:
+    """walpatch.status() (the API, inside an application) has the same "sqlite" entries as
+    `walpatch status --json`, for the DB-API modules the process has imported, and never
+    imports a drop-in itself."""
+    proc = run_py(STATUS_API, env={"WALPATCH_WAL_RESET_BUG": "warn"})
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout.splitlines()[-1])
+    assert out["before"] == []  # nothing imported yet: nothing said, nothing imported
+    assert [e["module"] for e in out["after"]] == ["sqlite3"]
+    entry = out["after"][0]
+    assert entry["version"] == sqlite3.sqlite_version
+    assert entry["wal_reset_bug"] == sqliteinfo.wal_reset_bug(sqlite3.sqlite_version)
+    assert entry["source_id"] == sqlite3.connect(":memory:").execute(
+        "SELECT sqlite_source_id()").fetchone()[0]
+    assert out["dropins_imported"] == []
+    cli = _status_json(sys.executable, env={"WALPATCH_WAL_RESET_BUG": "warn"})
+    assert {k: v for k, v in _by_module(cli)["sqlite3"].items()} == entry
+
+
 CONNECT_ONLY = r'''
 import json, sqlite3, sys
 import walpatch

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import sys
 import threading
-from typing import Any, Dict
+from typing import Any, Dict, List, Optional
 
 from . import events, hooks, runtime
 from .config import Config, build_config, describe
@@ -107,7 +107,19 @@ def status() -> Dict[str, Any]:
         "version": __version__,
         # which hot path the guarded execute methods use: "c" (walpatch._speedups) or "python"
         "speedups": _speedups_kind(),
+        # the SQLite under each DB-API module this process has imported (version, source id,
+        # library file, WAL-reset-bug verdict): issue 11
+        "sqlite": _sqlite_modules(config.wal_reset_bug if config else None),
     }
+
+
+def _sqlite_modules(setting: Optional[str]) -> List[Dict[str, Any]]:
+    from . import sqliteinfo
+
+    try:
+        return sqliteinfo.collect_loaded(setting or sqliteinfo.setting_now())
+    except Exception as exc:  # status() never raises for this
+        return [{"module": "sqlite3", "error": f"{type(exc).__name__}: {exc}"}]
 
 
 def _speedups_kind() -> str:

@@ -250,6 +250,14 @@ def collect(setting: str = WARN) -> List[Dict[str, Any]]:
     return [describe_module(family, setting) for family in installed_families()]
 
 
+def collect_loaded(setting: str = WARN) -> List[Dict[str, Any]]:
+    """Like collect(), for the DB-API modules this process has already imported only: what
+    ``walpatch.status()`` reports inside an application, which must not import a drop-in
+    (and so hook it) just because someone asked for the status."""
+    return [describe_module(family, setting) for family in installed_families()
+            if MODULES[family][0] in sys.modules]
+
+
 def interpreter_verdict(setting: str) -> Dict[str, Any]:
     """This interpreter's sqlite3: version and verdict (for `check` and `probe`)."""
     import sqlite3
@@ -310,7 +318,7 @@ def _warn_once(family: str, version: str, path: str, how: str) -> None:
     events.emit(
         EVENT, logging.WARNING,
         f"walpatch: this process uses WAL through {family} ({how}: {path}). "
-        f"{advice(version)}",
+        f"{advice(version, avoiding=setting_now() == AVOID)}",
         module=family, sqlite_version=version, fixed_in=list(FIXED_IN), file=path,
         setting=setting_now(), silence=SILENCE, outcome="warned")
 
