@@ -7,6 +7,7 @@ cursor, its rows and its exception are the ones sqlite3 would have produced.
 """
 from __future__ import annotations
 
+import copy
 import fnmatch
 import logging
 import os
@@ -14,6 +15,7 @@ import random
 import sys
 import threading
 import time
+import weakref
 from collections import OrderedDict
 from typing import Any, Callable, List, NamedTuple, Optional, Tuple, Type
 
@@ -630,6 +632,28 @@ def _note(exc: BaseException, text: str) -> None:
             pass
 
 
+def _kept_error(exc: BaseException) -> Tuple[Optional[BaseException], Optional[Any]]:
+    """What the history may keep of a failed WAL request's error, for chaining a later
+    refusal: a copy without traceback (type, message, codes, notes), and a weak reference to
+    the error itself. Never the error: its traceback holds the frames it passed through, and
+    walpatch's hold the caller's cursor; a live cursor keeps its prepared statement, so the
+    application's ``close()`` would leave the connection open (``sqlite3_close_v2``), its
+    transaction neither rolled back nor its locks released (a -journal left behind, other
+    processes locked out) for as long as the history entry lives."""
+    copied: Optional[BaseException] = None
+    try:
+        clone = copy.copy(exc)
+        if clone is not exc and clone.__traceback__ is None:
+            copied = clone
+    except Exception:  # noqa: BLE001 - an error class that cannot be copied: keep no copy
+        pass
+    try:
+        original: Optional[Any] = weakref.ref(exc)
+    except TypeError:
+        original = None
+    return copied, original
+
+
 def _record_wal_error(
     kit: Kit, request: Request, targets: List[Target], exc: BaseException, config: Config,
     attempts: int, note: bool, category: Optional[str] = None, mark: bool = True,
@@ -642,8 +666,6 @@ def _record_wal_error(
     # No str(exc) here: this text ends up in WalDowngradeRefused's message, which must not
     # contain the phrases legacy fallbacks match on ("disk i/o error", "locked").
     detail = f"{name or type(exc).__name__} ({category})"
-    for target in targets:
-        runtime.record(target.path, policy.History(outcome, category, exc, detail))
     counter = "wal_unsupported" if outcome == policy.WAL_UNSUPPORTED else "wal_failed"
     events.count(counter)
     if mark:
@@ -654,6 +676,9 @@ def _record_wal_error(
     if note and mark:
         _note(exc, f"walpatch: PRAGMA journal_mode=WAL failed after {attempts} attempt(s); "
                    f"error class: {category}")
+    kept, original = _kept_error(exc)
+    for target in targets:
+        runtime.record(target.path, policy.History(outcome, category, kept, detail, original))
     for target in targets:
         events.emit(
             "wal-unsupported" if outcome == policy.WAL_UNSUPPORTED else "wal-failed",
@@ -815,58 +840,63 @@ def _guard_wal(
     io_seen = False
     shm_streak = 0  # attempts in a row that failed with a shared-memory error
     last_error: Optional[BaseException] = None
-    while True:
-        attempts += 1
-        try:
-            # Run the request to completion so that the journal-mode change commits (and any
-            # error of that commit surfaces) here, inside the retry loop.
-            call().fetchall()
-        except kit.usage_errors:
-            raise
-        except kit.error as exc:
-            last_error = exc
-            category = _c.classify(exc, config.unsupported_markers, after_io_error=io_seen)
-            shm = category == _c.WAL_UNSUPPORTED and _is_shm_error(exc)
-            shm_streak = shm_streak + 1 if shm else 0
-            if shm:  # retried like transient I/O; permanent only if it persists (below)
-                category = _c.TRANSIENT_IO
-            io_seen = io_seen or category == _c.TRANSIENT_IO
-            # CORRUPT is retried too: a transient EIO on read surfaces as "malformed", and
-            # real corruption simply fails again (and is then raised, never a downgrade signal).
-            retryable = _c.is_retryable(category) or category == _c.CORRUPT
-            name = _c.error_code(exc)[1] or type(exc).__name__
-            if retryable and _wait_before_retry(
-                    kit, conn, targets, config, attempts, started, f"{name} ({category})",
-                    category, name):
-                continue
-            if shm and shm_streak >= MIN_SHM_ATTEMPTS:
-                category = _c.WAL_UNSUPPORTED  # it repeated through the whole retry budget
-            _record_wal_error(kit, request, targets, exc, config, attempts, note=True,
-                              category=category)
-            raise
-        shm_streak = 0
-        observations = _observe(kit, conn, targets, check_disk=True)
-        if any(o.stale for o in observations):
-            if _wait_before_retry(
-                    kit, conn, targets, config, attempts, started,
-                    "the connection reports WAL but the header on disk does not",
-                    _c.TRANSIENT_IO, None):
-                continue
-            _raise_stale(kit, conn, request, observations, config, attempts, last_error)
-        # Every file now WAL on disk gets the shared-memory check. (Whether this request made
-        # the switch is not known: asking before it, of the connection or of the disk, is a
-        # read that would meet, and take away, a fault meant for the request itself.)
-        _check_shared_memory(kit, conn, request,
-                             [o.target for o in observations if o.is_wal], config)
-        _record_wal_result(conn, observations, attempts)
+    try:
+        while True:
+            attempts += 1
+            try:
+                # Run the request to completion so that the journal-mode change commits (and
+                # any error of that commit surfaces) here, inside the retry loop.
+                call().fetchall()
+            except kit.usage_errors:
+                raise
+            except kit.error as exc:
+                last_error = exc
+                category = _c.classify(exc, config.unsupported_markers, after_io_error=io_seen)
+                shm = category == _c.WAL_UNSUPPORTED and _is_shm_error(exc)
+                shm_streak = shm_streak + 1 if shm else 0
+                if shm:  # retried like transient I/O; permanent only if it persists (below)
+                    category = _c.TRANSIENT_IO
+                io_seen = io_seen or category == _c.TRANSIENT_IO
+                # CORRUPT is retried too: a transient EIO on read surfaces as "malformed", and
+                # real corruption simply fails again (and is then raised, never a downgrade
+                # signal).
+                retryable = _c.is_retryable(category) or category == _c.CORRUPT
+                name = _c.error_code(exc)[1] or type(exc).__name__
+                if retryable and _wait_before_retry(
+                        kit, conn, targets, config, attempts, started, f"{name} ({category})",
+                        category, name):
+                    continue
+                if shm and shm_streak >= MIN_SHM_ATTEMPTS:
+                    category = _c.WAL_UNSUPPORTED  # it repeated through the whole retry budget
+                _record_wal_error(kit, request, targets, exc, config, attempts, note=True,
+                                  category=category)
+                raise
+            shm_streak = 0
+            observations = _observe(kit, conn, targets, check_disk=True)
+            if any(o.stale for o in observations):
+                if _wait_before_retry(
+                        kit, conn, targets, config, attempts, started,
+                        "the connection reports WAL but the header on disk does not",
+                        _c.TRANSIENT_IO, None):
+                    continue
+                _raise_stale(kit, conn, request, observations, config, attempts, last_error)
+            # Every file now WAL on disk gets the shared-memory check. (Whether this request
+            # made the switch is not known: asking before it, of the connection or of the disk,
+            # is a read that would meet, and take away, a fault meant for the request itself.)
+            _check_shared_memory(kit, conn, request,
+                                 [o.target for o in observations if o.is_wal], config)
+            _record_wal_result(conn, observations, attempts)
+            # Hand the caller a fresh result: asking for the mode the connection is now in is a
+            # no-op for SQLite.
+            return call()
+    finally:
         # A failed attempt's error holds a traceback through this frame, whose locals hold it
         # back: a cycle that keeps the caller's cursor (and its statement) alive until the
-        # garbage collector runs. On 3.8-3.10 an unfinished statement makes the app's next
-        # COMMIT fail with "SQL statements in progress": break the cycle now.
+        # garbage collector runs, on every way out of here, the raised ones included. A live
+        # statement makes the app's close() leave the connection open, its transaction and
+        # locks with it (a -journal left behind); on 3.8-3.10 it makes the app's next COMMIT
+        # fail with "SQL statements in progress". Break the cycle now.
         last_error = None
-        # Hand the caller a fresh result: asking for the mode the connection is now in is a
-        # no-op for SQLite.
-        return call()
 
 
 def _raise_stale(
@@ -887,7 +917,10 @@ def _raise_stale(
             f"disk is not in WAL mode ({details})")
     _record_wal_error(kit, request, [o.target for o in stale], error, config, attempts,
                       note=True, category=_c.TRANSIENT_IO)
-    raise error
+    try:
+        raise error
+    finally:
+        error = last_error = None  # no cycle through this frame (see _guard_wal)
 
 
 def _operational_error(kit: Kit) -> Type[Exception]:
@@ -921,7 +954,10 @@ def _check_shared_memory(
             continue  # its -shm was mapped in this process before: the filesystem can do it
         error, mapped = _persistent_shm_error(kit, conn, target, config)
         if error is not None:
-            _undo_unusable_wal(kit, conn, request, targets, config, error)
+            try:
+                _undo_unusable_wal(kit, conn, request, targets, config, error)
+            finally:
+                error = None  # no cycle through this frame (see _guard_wal)
         if mapped and key is not None:
             _shm_ok(key)
 
@@ -1038,7 +1074,10 @@ def _undo_unusable_wal(
     _note(error, "walpatch: WAL cannot work here (no shared memory); "
           + ("the file was put back in its previous journal mode" if reverted else
              "the file could not be put back"))
-    raise error
+    try:
+        raise error
+    finally:
+        del error  # no cycle through this frame (see _guard_wal)
 
 
 def _revert_without_shared_memory(kit: Kit, conn: Any, schema: str, mode: str = "delete") -> bool:

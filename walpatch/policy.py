@@ -5,7 +5,7 @@ outputs are decisions with a human reason. ``guard.py`` gathers the inputs and a
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 from . import classify as _c
 from . import ondisk
@@ -21,10 +21,23 @@ REFUSE = "refuse"
 
 
 class History(NamedTuple):
+    """The last WAL request's outcome for a file.
+
+    ``error`` must hold no traceback: a traceback keeps the frames it passed through alive,
+    and with them the caller's cursor, whose prepared statement makes ``close()`` leave the
+    connection open with its transaction and locks (guard._kept_error). ``original`` (a weak
+    reference) gives back the very error the application saw, while it still holds it."""
+
     outcome: str
     category: Optional[str] = None
     error: Optional[BaseException] = None
     detail: str = ""
+    original: Optional[Callable[[], Any]] = None
+
+    def cause(self) -> Optional[BaseException]:
+        """The error to chain a refusal to: the application's own while it lives."""
+        original = self.original() if self.original is not None else None
+        return original if isinstance(original, BaseException) else self.error
 
 
 class Decision(NamedTuple):
@@ -66,7 +79,7 @@ def decide_downgrade(
             REFUSE,
             f"the last request for WAL on this file in this process failed with {what}, "
             "which is not a sign that WAL is unsupported here; retry WAL instead",
-            history.error,
+            history.cause(),
         )
     why = (
         "no WAL request failed here" if history is None
