@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import sys
+import sysconfig
 from pathlib import Path
 from typing import Any, Dict
 
@@ -40,6 +41,10 @@ def dropin_python(tmp_path_factory: pytest.TempPathFactory) -> Path:
         # Measured in the nox matrix: sqlean.py has no wheel for 3.8 and its sdist fails to
         # build here, so the drop-ins cannot be installed on 3.8 (tested on 3.9-3.13).
         pytest.skip("sqlean.py cannot be installed on Python 3.8 (no wheel; sdist build fails)")
+    if sysconfig.get_config_var("Py_GIL_DISABLED"):
+        # Measured in the 3.13t cell: pip finds no cp313t wheel of pysqlite3-binary or
+        # sqlean.py (noxfile.NOT_COVERED; the drop-ins run in the 3.9-3.15 cells).
+        pytest.skip("pysqlite3-binary and sqlean.py have no free-threaded (cp313t) wheels")
     base = venv_base(tmp_path_factory)
     source_copy(base)
     return build_venv(base, "dropins", ["walpatch", *PYPI_PACKAGES], use_index=True)
