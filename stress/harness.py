@@ -162,6 +162,9 @@ def run_lock(mode: str, duration: float, threads: int, seed: int, naive: bool,
         if row["violations"]:
             problems.append(f"{row['violations']} of {row['probes']} held locks lost although "
                             "the lock guard protects the naive reader")
+        if row["naive_unprotected"]:
+            problems.append(f"{row['naive_unprotected']} of {row['naive_reads']} naive reads "
+                            "got a descriptor that their close() really closed")
         row["ok"] = not problems and row["integrity"] == "ok" and not row["lost"]
     elif naive:
         if not row["violations"]:

@@ -20,7 +20,13 @@ gets the write lock, is a violation.
 
 ``--naive`` adds the control: a thread that reads the header the naive way (``open()``,
 ``read(100)``, ``close()``), which drops every POSIX lock of the process; the holders then
-wait for those reads instead. The watcher must see violations, which shows it can.
+wait for those reads instead. The watcher must see violations, which shows it can. The
+reader starts once every holder's connection is open: a read begun before the first guarded
+``connect()`` gets a plain descriptor (the lock guard is not armed yet, and the file is not
+live), and its close releases a holder's lock taken meanwhile, with the guard on too (README
+"Limits": descriptors opened before the connection). ``naive_unprotected`` counts the reads
+whose file object owned its descriptor (``closefd``): all of them without the guard, none
+with ``lock_guard=protect``.
 
 Prints one JSON object. Never logs row data.
 """
@@ -98,12 +104,14 @@ class LockRun:
         self.ledger_fd = open_append(ledger)  # not a database file
         self.threads, self.seed, self.naive = threads, seed, naive
         self.stop = threading.Event()
+        self.holders_connected = 0
+        self.holders_ready = threading.Event()  # the naive reader starts after it
         self.probe_lock = threading.Lock()
         self.count_lock = threading.Lock()
         self.c: Dict[str, int] = dict(
             probes=0, violations=0, sql_violations=0, fcntl_violations=0, holds=0,
             checks_during_holds=0, holds_without_check=0, refusals=0, wal_requests=0,
-            downgrade_requests=0, connections=0, reads=0, naive_reads=0, commits=0,
+            downgrade_requests=0, connections=0, reads=0, naive_reads=0, naive_unprotected=0, commits=0,
             unexpected_errors=0)
         self.unexpected: Dict[str, int] = {}
         self.walpatch: Any = None
@@ -133,8 +141,12 @@ class LockRun:
 
     # --- threads ----------------------------------------------------------------------------
 
-    def holder(self, index: int) -> None:
+    def holder(self, index: int, holders: int) -> None:
         conn = sqlite3.connect(self.db, timeout=30, isolation_level=None)
+        with self.count_lock:
+            self.holders_connected += 1
+            if self.holders_connected == holders:
+                self.holders_ready.set()
         n = 0
         while not self.stop.is_set():
             try:
@@ -222,17 +234,24 @@ class LockRun:
         self.add("reads")
 
     def naive_reader(self) -> None:
+        # Not before the holders' connections: see the module docstring.
+        while not self.holders_ready.wait(0.05):
+            if self.stop.is_set():
+                return
         while not self.stop.is_set():
             with open(self.db, "rb") as f:  # the hazard of design.md section 5, on purpose
                 f.read(100)
+                owned = f.raw.closefd  # False: served from the lock guard's parked descriptor
             self.add("naive_reads")
+            if owned:
+                self.add("naive_unprotected")
             time.sleep(0.001)
 
     # --- run --------------------------------------------------------------------------------
 
     def run(self) -> Dict[str, Any]:
         holders = max(2, self.threads // 4)
-        workers = [threading.Thread(target=self.holder, args=(i,), daemon=True)
+        workers = [threading.Thread(target=self.holder, args=(i, holders), daemon=True)
                    for i in range(holders)]
         workers += [threading.Thread(target=self.checker, args=(i,), daemon=True)
                     for i in range(max(1, self.threads - holders))]

@@ -161,11 +161,17 @@ def test_lock_safety_under_load(tmp_path, mode):
     control = run_lock(mode, 2.0, 8, 1, naive=True, workdir=str(tmp_path))
     assert control["probes"] > 0, control
     assert control["fcntl_violations"] > 0, control  # the watcher does see a lost lock
+    assert control["naive_unprotected"] == control["naive_reads"], control  # really closed
     if mode == "delete":
         assert control["sql_violations"] > 0, control  # ...and can then take the write lock
 
-    # The same naive reader with walpatch's lock guard on (issue 12): no lock is lost.
+    # The same naive reader with walpatch's lock guard on (issue 12): no lock is lost, and
+    # no naive read got a descriptor that its close() really closed. The reader starts once
+    # the holders' connections are open: before the first guarded connect() the guard is not
+    # armed, and a plain read in flight then dropped a holder's new lock (a rare violation in
+    # CI; stress/locks.py's docstring).
     shielded = run_lock(mode, 2.0, 8, 1, naive=True, workdir=str(tmp_path), lock_guard="protect")
     assert shielded["probes"] > 0 and shielded["naive_reads"] > 0, shielded
+    assert shielded["naive_unprotected"] == 0, shielded
     assert shielded["fcntl_violations"] == 0 and shielded["sql_violations"] == 0, shielded
     assert shielded["integrity"] == "ok" and shielded["lost"] == 0, shielded
