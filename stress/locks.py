@@ -111,8 +111,8 @@ class LockRun:
         self.c: Dict[str, int] = dict(
             probes=0, violations=0, sql_violations=0, fcntl_violations=0, holds=0,
             checks_during_holds=0, holds_without_check=0, refusals=0, wal_requests=0,
-            downgrade_requests=0, connections=0, reads=0, naive_reads=0, naive_unprotected=0, commits=0,
-            unexpected_errors=0)
+            downgrade_requests=0, connections=0, reads=0, naive_reads=0, naive_unprotected=0,
+            commits=0, unexpected_errors=0)
         self.unexpected: Dict[str, int] = {}
         self.walpatch: Any = None
         if walpatch_on:

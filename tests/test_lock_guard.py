@@ -18,6 +18,7 @@ import shutil
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -235,6 +236,46 @@ def test_control_rollback_sniff_lets_another_process_take_the_lock(guard, tmp_pa
         assert other_process_can_write(db), "the control shows no lost lock: test is blind"
     finally:
         a.close()
+
+
+def test_open_from_another_thread_while_a_new_file_is_identified(guard, tmp_path, monkeypatch):
+    """A connection's file is identified lazily, at the next guarded call (``_resolve``, under
+    the guard's lock). Another thread's open() of that file meanwhile must wait for it, not
+    pass as "not live" on the lock-free path and close a plain descriptor under A's lock.
+    The thread switch cannot be timed for real: os.stat is wrapped so that the identifying
+    stat of the database runs the other thread's open() right there (where the real stat
+    releases the GIL). The files, the thread, the locks and the probing process are real."""
+    known = tmp_path / "known.db"
+    make_db(known, "delete")
+    k = sqlite3.connect(str(known))
+    with open(known, "rb") as f:  # the guard knows a file; its sidecars were checked just now
+        f.read(100)
+    db = tmp_path / "second.db"
+    make_db(db, "delete")
+    a = _hold_write_lock(db)  # tracked; identified at the next guarded call
+    real_stat = os.stat
+    sniffer = threading.Thread(target=lambda: open(str(db), "rb").close())
+
+    def stat(path, *args, **kwargs):
+        if path == str(db) and sys._getframe(1).f_code.co_name == "_resolve" \
+                and not sniffer.ident:
+            sniffer.start()
+            sniffer.join(0.5)  # with the fix it waits for the guard's lock, held here
+        return real_stat(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "stat", stat)
+    try:
+        open(tmp_path / "unrelated.txt", "w").close()  # a guarded call: identifies db
+        sniffer.join(10)
+        monkeypatch.undo()
+        assert sniffer.ident and not sniffer.is_alive()
+        assert not other_process_can_write(db), "the other thread's close released A's lock"
+    finally:
+        monkeypatch.undo()
+        a.execute("ROLLBACK")
+        a.close()
+        k.close()
+    assert other_process_can_write(db)
 
 
 def test_ten_thousand_sniffs_keep_descriptors_bounded(guard, tmp_path):

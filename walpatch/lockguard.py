@@ -331,9 +331,11 @@ def _uri_path(uri: str) -> Optional[str]:
 
 
 def _resolve() -> None:
-    """Give every newly tracked connection its identity (stat of its database file)."""
+    """Give every newly tracked connection its identity (stat of its database file).
+    ``_pending`` stays set until ``_idents`` and ``_names`` know the new files: while it is,
+    other threads' lock-free checks take the careful path, which waits for ``_lock``
+    (cleared first, a stat of the new file during ours passed as "not live")."""
     global _pending
-    _pending = False
     _sweep()
     for key, (conn_ref, path) in list(_live.items()):
         if not isinstance(path, str):
@@ -341,8 +343,7 @@ def _resolve() -> None:
         try:
             st = os.stat(path)
         except OSError:
-            _pending = True  # not created yet (or gone): tried again on the next check
-            continue
+            continue  # not created yet (or gone): still pending, tried again later
         ident = (st.st_dev, st.st_ino)
         found = _idents.get(ident)
         db = found.db if found is not None and found.db.ident == ident else None
@@ -354,6 +355,11 @@ def _resolve() -> None:
             db.users += 1
             _live[key] = (conn_ref, _Conn(path, db))
     _rebuild_names()
+    _pending = False
+    # track() stores its entry, then sets _pending: set before the line above, its entry
+    # is seen here; after it, _pending stays set. Either way it is not lost.
+    if any(info.__class__ is str for _, info in list(_live.values())):
+        _pending = True
 
 
 def _refresh_sidecars(db: _Db) -> None:
