@@ -234,9 +234,12 @@ def _release(db: "_Db") -> None:
             db.users -= 1
             if db.users > 0:
                 return
-            _idents.pop(db.ident, None)
-            for ident in db.sidecars:
-                _idents.pop(ident, None)
+            # only this database's entries: an inode number of a deleted sidecar may belong
+            # to another live file by now
+            for ident in (db.ident, *db.sidecars):
+                entry = _idents.get(ident)
+                if entry is not None and entry.db is db:
+                    del _idents[ident]
             _rebuild_names()
             for parked in list(_table.values()):
                 if parked.db is db:
@@ -375,7 +378,9 @@ def _refresh_sidecars(db: _Db) -> None:
             if suffix == "-journal":  # a new inode every transaction: keep only the latest
                 for old in [i for i, p in db.sidecars.items() if p == path]:
                     del db.sidecars[old]
-                    _idents.pop(old, None)
+                    entry = _idents.get(old)
+                    if entry is not None and entry.db is db:  # not another file's by now
+                        del _idents[old]
             elif len(db.sidecars) > 16:
                 continue
             db.sidecars[ident] = path
